@@ -1,41 +1,54 @@
 r"""Normalizing-flow layers as Pyro ``TransformModule`` s, one module per family, and their registries.
 
-See :mod:`pyro_flows.transforms.registry` for the name → factory mappings used by guides and density estimators.
+Every family module defines ``__all__``; its public names are re-exported here. Importing a family module
+registers its flows in :data:`registry`, :data:`conditional_registry` or :data:`image_registry`
+(see :mod:`pyro_flows.transforms.registry`), the name → factory mappings used by guides and density estimators.
 """
 
+from pyro_flows.transforms import (
+    autoregressive,
+    continuous,
+    conv,
+    coupling,
+    elementwise,
+    linear,
+    planar,
+    radial,
+    residual,
+    sylvester,
+)
+from pyro_flows.transforms.autoregressive import *  # noqa: F403
 from pyro_flows.transforms.base import (
     ConditionalFlow,
     ConditionedFlow,
     Flow,
+    FlowMixin,
     HyperConditionalFlow,
     ParametricFlow,
 )
-from pyro_flows.transforms.elementwise import (
-    ConditionalElementwiseAffine,
-    ConditionalLeakyReLU,
-    ElementwiseAffine,
-    LeakyReLU,
-)
-from pyro_flows.transforms.linear import LU, ConditionalLU, ConditionalTriangular, Permutation, Triangular
+from pyro_flows.transforms.continuous import *  # noqa: F403
+from pyro_flows.transforms.conv import *  # noqa: F403
+from pyro_flows.transforms.coupling import *  # noqa: F403
+from pyro_flows.transforms.elementwise import *  # noqa: F403
+from pyro_flows.transforms.linear import *  # noqa: F403
+from pyro_flows.transforms.planar import *  # noqa: F403
+from pyro_flows.transforms.radial import *  # noqa: F403
 from pyro_flows.transforms.registry import FlowRegistry, conditional_registry, image_registry, registry
+from pyro_flows.transforms.residual import *  # noqa: F403
+from pyro_flows.transforms.sylvester import *  # noqa: F403
+
+_FAMILIES = (autoregressive, continuous, conv, coupling, elementwise, linear, planar, radial, residual, sylvester)
 
 __all__ = [
-    "LU",
-    "ConditionalElementwiseAffine",
     "ConditionalFlow",
-    "ConditionalLU",
-    "ConditionalLeakyReLU",
-    "ConditionalTriangular",
     "ConditionedFlow",
-    "ElementwiseAffine",
     "Flow",
+    "FlowMixin",
     "FlowRegistry",
     "HyperConditionalFlow",
-    "LeakyReLU",
     "ParametricFlow",
-    "Permutation",
-    "Triangular",
     "conditional_registry",
     "image_registry",
     "registry",
+    *(name for family in _FAMILIES for name in family.__all__),
 ]

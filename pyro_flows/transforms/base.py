@@ -102,8 +102,14 @@ def expand_log_det(log_det: Tensor, x: Tensor, event_dim: int) -> Tensor:
     return log_det.expand(torch.broadcast_shapes(log_det.shape, batch_shape))
 
 
-class _FlowMixin:
-    """Validation, log-det caching and direction bookkeeping shared by modules and conditioned transforms."""
+class FlowMixin:
+    """Validation, one-pass log-det caching and direction bookkeeping shared by all flows.
+
+    :class:`Flow` (modules) and :class:`ConditionedFlow` use it; a conditional family with its own conditioned
+    transform class (e.g. a MADE-based flow conditioned on a context) mixes it into a plain ``Transform``, sets
+    ``event_shape`` and ``_ld_cache = None``, and implements ``_dtype_and_device``, ``_forward_and_log_det`` and
+    ``_inverse_and_log_det``.
+    """
 
     bijective = True
     #: Which direction is one parallel pass: ``"forward"`` (sampling) or ``"inverse"`` (density evaluation).
@@ -172,7 +178,7 @@ class _FlowMixin:
             self._cached_x_y = None, None
 
 
-class Flow(_FlowMixin, TransformModule):
+class Flow(FlowMixin, TransformModule):
     """Base class of the learnable flows: a Pyro ``TransformModule`` on events of ``event_shape``.
 
     Args:
@@ -243,7 +249,7 @@ class ParametricFlow(Flow):
         return self._inverse_with(self.raw_params(), y)
 
 
-class ConditionedFlow(_FlowMixin, Transform):
+class ConditionedFlow(FlowMixin, Transform):
     """A :class:`ParametricFlow`'s map evaluated at given (batched) raw parameters, e.g. from a context.
 
     Returned by :meth:`HyperConditionalFlow.condition`; it is a plain ``Transform`` (its parameters are

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from pyro_flows.transforms.base import HyperConditionalFlow, ParametricFlow, expand_log_det
 from pyro_flows.transforms.registry import conditional_registry, registry
 
+__all__ = ["ConditionalElementwiseAffine", "ConditionalLeakyReLU", "ElementwiseAffine", "LeakyReLU"]
+
 
 @registry.register("elementwise_affine")
 class ElementwiseAffine(ParametricFlow):

@@ -24,6 +24,8 @@ from pyro_flows.transforms._utils import (
 from pyro_flows.transforms.base import Flow, HyperConditionalFlow, ParametricFlow, expand_log_det
 from pyro_flows.transforms.registry import conditional_registry, registry
 
+__all__ = ["LU", "ConditionalLU", "ConditionalTriangular", "Permutation", "Triangular", "make_permutation"]
+
 
 def make_permutation(
     dim: int,

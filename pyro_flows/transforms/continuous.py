@@ -1,0 +1,3 @@
+"""Continuous normalizing flows (neural ODE / FFJORD)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Invertible and emerging convolutions on (C, H, W) events, and the squeeze (space-to-depth) layer."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Radial flows (Rezende & Mohamed 2015) with a closed-form inverse."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Residual flows (i-ResNet / Residual Flows) with a fixed-point inverse."""
+
+__all__: list[str] = []
