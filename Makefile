@@ -10,8 +10,7 @@ PYTEST_WORKERS ?= 2
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,examples,bench,ffjord]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,examples,bench,ffjord,docs]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -251,3 +251,21 @@ def test_float32_smoke(case: Case) -> None:
 
 def test_registries_have_the_foundation_families() -> None:
     assert {"elementwise_affine", "leaky_relu", "permutation", "triangular", "lu"} <= set(registry)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@parametrize_cases
+def test_cuda_forward_inverse_and_gradients(case: Case) -> None:
+    module = build(case).cuda()
+    t = module.condition(contexts(4).cuda()) if case.conditional else module
+    x = points(case, 4).cuda()
+    y = t(x)
+    ld = t.log_abs_det_jacobian(x, y)
+    assert y.device.type == ld.device.type == "cuda"
+    clear(t)
+    assert torch.allclose(t.inv(y.clone()), x, atol=max(1e-6, t.inverse_atol), rtol=0)
+    params = list(module.parameters())
+    if params:
+        (y.pow(2).sum() - ld.sum()).backward()
+        assert all(p.grad is not None and p.grad.device.type == "cuda" for p in params)

@@ -99,7 +99,27 @@ def state_dtype_and_device(module: nn.Module) -> tuple[torch.dtype | None, torch
 def expand_log_det(log_det: Tensor, x: Tensor, event_dim: int) -> Tensor:
     """Broadcast a log-det to the batch shape of ``x`` (its shape without the ``event_dim`` last dims)."""
     batch_shape = x.shape[: x.dim() - event_dim]
-    return log_det.expand(torch.broadcast_shapes(log_det.shape, batch_shape))
+    if log_det.shape == batch_shape:
+        return log_det
+    return log_det.expand(broadcast_shape(log_det.shape, batch_shape))
+
+
+def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> torch.Size:
+    """NumPy-style broadcast of two shapes (a fast pure-Python ``torch.broadcast_shapes`` for two operands).
+
+    Raises:
+        ValueError: if the shapes do not broadcast.
+
+    """
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + tuple(a)
+    b = (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for i, j in zip(a, b, strict=True):
+        if i != j and i != 1 and j != 1:
+            raise ValueError(f"shapes {a} and {b} do not broadcast")
+        out.append(j if i == 1 else i)
+    return torch.Size(out)
 
 
 class FlowMixin:
