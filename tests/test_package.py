@@ -30,7 +30,7 @@ assert before == after, (before, after)
 
 
 def test_unknown_flow_name_lists_the_registered_ones() -> None:
-    with pytest.raises(KeyError, match="registered flows are: .*elementwise_affine"):
+    with pytest.raises(KeyError, match=r"registered flows are: .*elementwise_affine"):
         registry["no_such_flow"]
 
 
@@ -74,14 +74,14 @@ def test_foundation_flows_start_at_identity_or_permutation(name: str) -> None:
 
 def test_non_tensor_and_integer_inputs_are_rejected() -> None:
     flow = registry["elementwise_affine"](2)
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         flow([1.0, 2.0])
     with pytest.raises(TypeError, match="floating-point"):
         flow(torch.ones(3, 2, dtype=torch.long))
 
 
 def test_explicit_permutations_are_validated() -> None:
-    with pytest.raises(ValueError, match="permutation of range"):
+    with pytest.raises(ValueError, match=r"permutation of range"):
         registry["permutation"](3, permutation=[0, 0, 1])
     with pytest.raises(ValueError, match="'reverse', 'random'"):
         registry["permutation"](3, permutation="sideways")
