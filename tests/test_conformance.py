@@ -146,7 +146,8 @@ def test_batch_shapes(case: Case, batch: tuple[int, ...]) -> None:
         t = transforms_of(case, module, context_batch)
         x = points(case, *batch)
         y = t(x)
-        assert y.shape == x.shape
+        assert y.shape == t.forward_shape(x.shape)
+        assert t.inverse_shape(y.shape) == x.shape
         assert t.log_abs_det_jacobian(x, y).shape == batch
         clear(t)
         x_rec = t.inv(y.clone())
@@ -214,11 +215,13 @@ def test_bad_input_raises_clear_errors(case: Case) -> None:
         t(torch.randn(2, *wrong_shape, dtype=torch.float64))
     with pytest.raises(ValueError, match="shape"):
         t.inv(torch.randn(2, *wrong_shape, dtype=torch.float64))
-    if any(s.is_floating_point() for s in [*module.parameters(), *module.buffers()]):
+    state = [*module.parameters(), *module.buffers()]
+    if any(s.is_floating_point() for s in state):
         with pytest.raises(TypeError, match="dtype"):
             t(points(case, 2, dtype=torch.float32))
-    with pytest.raises(ValueError, match="device"):
-        t(torch.empty(2, *case.event_shape, dtype=torch.float64, device="meta"))
+    if state:
+        with pytest.raises(ValueError, match="device"):
+            t(torch.empty(2, *case.event_shape, dtype=torch.float64, device="meta"))
 
 
 @parametrize_cases

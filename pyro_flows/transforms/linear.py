@@ -1,9 +1,24 @@
 r"""Linear flows :math:`y = W x + b` with structured, always-invertible :math:`W`.
 
-Each keeps :math:`\log|\det W|` cheap (O(D)) and its inverse exact (a permutation or triangular solves).
-Shared helpers live in :mod:`pyro_flows.transforms._utils`: :func:`positive` diagonals, packed triangular
-matrices, batched mat-vec and triangular solves, so the conditional (batched-parameter) variants reuse the same
-code. Linear flows are sensitive to the coordinate ordering: interleave permutations between them.
+Each keeps :math:`\log|\det W|` cheap (O(D)) and its inverse exact (a permutation, triangular solves or
+reflections in reverse order). Shared helpers live in :mod:`pyro_flows.transforms._utils`: :func:`positive`
+diagonals, packed triangular matrices, batched mat-vec and triangular solves, products of Householder reflections;
+in this module the bias and log-det helpers and :func:`lu_factors` (also used by the 1×1 convolution). Every
+learnable flow here is a :class:`~pyro_flows.transforms.base.ParametricFlow`, so its raw parameters may carry
+batch dimensions and the conditional (amortized) variants reuse the same code. Linear flows are sensitive to the
+coordinate ordering: interleave permutations between them.
+
+Families (name in :data:`~pyro_flows.transforms.registry.registry`: matrix :math:`W`; log-det; inverse):
+
+* ``permutation``: :math:`P`; 0; an index gather;
+* ``triangular``: :math:`L` with positive diagonal; :math:`\sum_i \log L_{ii}`; a triangular solve, O(D²);
+* ``convex_triangular``: :math:`\sum_k w_k L_k`, :math:`w` on the simplex; 0 (or :math:`\sum_i \log d_i`); a
+  triangular solve, O(D²);
+* ``lu``: :math:`P L U`; :math:`\sum_i \log U_{ii}`; two triangular solves, O(D²);
+* ``householder``: :math:`H_1 \cdots H_K`; 0; the K reflections in reverse order, O(K·D);
+* ``qr``: :math:`H_1 \cdots H_K R`; :math:`\sum_i \log R_{ii}`; reflections in reverse, then a triangular solve.
+
+All but ``permutation`` have an amortized variant in :data:`~pyro_flows.transforms.registry.conditional_registry`.
 """
 
 from __future__ import annotations
@@ -14,24 +29,45 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from pyro_flows.nn.mlp import MLP
 from pyro_flows.transforms._utils import (
     RAW_ONE,
+    householder_product,
+    householder_product_reverse,
     matvec,
     positive,
     solve_triangular_vec,
     tril_from_packed,
 )
-from pyro_flows.transforms.base import Flow, HyperConditionalFlow, ParametricFlow, expand_log_det
+from pyro_flows.transforms.base import (
+    ConditionalFlow,
+    ConditionedFlow,
+    Flow,
+    HyperConditionalFlow,
+    ParametricFlow,
+    expand_log_det,
+)
 from pyro_flows.transforms.registry import conditional_registry, registry
 
-__all__ = ["LU", "ConditionalLU", "ConditionalTriangular", "Permutation", "Triangular", "make_permutation"]
+__all__ = [
+    "LU",
+    "QR",
+    "ConditionalConvexTriangular",
+    "ConditionalHouseholder",
+    "ConditionalLU",
+    "ConditionalQR",
+    "ConditionalTriangular",
+    "ConvexTriangular",
+    "Householder",
+    "Permutation",
+    "Triangular",
+    "make_permutation",
+]
+
+PermutationSpec = Literal["reverse", "random"] | Sequence[int] | Tensor
 
 
-def make_permutation(
-    dim: int,
-    permutation: Literal["reverse", "random"] | Sequence[int] | Tensor,
-    generator: torch.Generator | None,
-) -> Tensor:
+def make_permutation(dim: int, permutation: PermutationSpec, generator: torch.Generator | None) -> Tensor:
     """Return a permutation of ``range(dim)`` as a long tensor: reversed, random, or the one given (validated).
 
     Raises:
@@ -48,6 +84,47 @@ def make_permutation(
     if perm.numel() != dim or not torch.equal(perm.sort().values, torch.arange(dim)):
         raise ValueError(f"permutation must be a permutation of range({dim}), got {perm.tolist()}")
     return perm
+
+
+def lu_factors(lower: Tensor, upper: Tensor, raw_diag: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Build the factors of :math:`W = P L U` from raw parameters (shared by :class:`LU` and the 1×1 convolution).
+
+    Args:
+        lower: ``(..., dim(dim-1)/2)`` strictly lower entries of the unit lower-triangular :math:`L`.
+        upper: ``(..., dim(dim-1)/2)`` strictly upper entries of :math:`U`.
+        raw_diag: ``(..., dim)`` raw diagonal of :math:`U`, mapped through :func:`positive`.
+        dim: matrix size.
+
+    Returns:
+        ``(L, U, diag(U))``; :math:`\log|\det LU| = \sum_i \log U_{ii}`.
+
+    """
+    diag = positive(raw_diag)
+    unit_lower = tril_from_packed(lower, dim, torch.ones_like(diag))
+    upper_matrix = tril_from_packed(upper, dim, diag, upper=True)
+    return unit_lower, upper_matrix, diag
+
+
+def _add_bias(params: Mapping[str, Tensor], y: Tensor) -> Tensor:
+    return y + params["bias"] if "bias" in params else y
+
+
+def _remove_bias(params: Mapping[str, Tensor], y: Tensor) -> Tensor:
+    return y - params["bias"] if "bias" in params else y
+
+
+def _log_det_from_diag(diag: Tensor | None, x: Tensor) -> Tensor:
+    """``Σ log diag`` broadcast to the batch shape of ``x`` (zero when there is no diagonal: volume preserving)."""
+    if diag is None:
+        return x.new_zeros(x.shape[:-1])
+    return expand_log_det(diag.log().sum(-1), x, 1)
+
+
+def _paired_vectors(count: int, dim: int) -> Tensor:
+    """Random reflection vectors in identical consecutive pairs, so that their product is I for an even count."""
+    vectors = torch.randn(count, dim)
+    vectors[1::2] = vectors[0 : 2 * (count // 2) : 2]
+    return vectors
 
 
 @registry.register("permutation")
@@ -72,10 +149,7 @@ class Permutation(Flow):
     """
 
     def __init__(
-        self,
-        dim: int,
-        permutation: Literal["reverse", "random"] | Sequence[int] | Tensor = "reverse",
-        generator: torch.Generator | None = None,
+        self, dim: int, permutation: PermutationSpec = "reverse", generator: torch.Generator | None = None
     ) -> None:
         super().__init__(dim)
         perm = make_permutation(dim, permutation, generator)
@@ -83,10 +157,10 @@ class Permutation(Flow):
         self.register_buffer("inverse_permutation", torch.argsort(perm))
 
     def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x[..., self.permutation], x.new_zeros(x.shape[:-1])
+        return x[..., self.permutation], _log_det_from_diag(None, x)
 
     def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
+        return y[..., self.inverse_permutation], _log_det_from_diag(None, y)
 
 
 @registry.register("triangular")
@@ -128,17 +202,79 @@ class Triangular(ParametricFlow):
 
     def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         matrix, diag = self._matrix(params)
-        y = matvec(matrix, x)
-        if "bias" in params:
-            y = y + params["bias"]
-        return y, expand_log_det(diag.log().sum(-1), x, 1)
+        return _add_bias(params, matvec(matrix, x)), _log_det_from_diag(diag, x)
 
     def _inverse_with(self, params: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         matrix, diag = self._matrix(params)
-        if "bias" in params:
-            y = y - params["bias"]
-        x = solve_triangular_vec(matrix, y, upper=False)
-        return x, expand_log_det(diag.log().sum(-1), x, 1)
+        x = solve_triangular_vec(matrix, _remove_bias(params, y), upper=False)
+        return x, _log_det_from_diag(diag, x)
+
+
+@registry.register("convex_triangular")
+class ConvexTriangular(ParametricFlow):
+    r"""Convex-combination linear IAF (ccLinIAF, Tomczak & Welling 2017): :math:`y = (\sum_k w_k L_k) x + b`.
+
+    The :math:`L_k` are lower-triangular with unit diagonal (free strictly-lower entries) and
+    :math:`w = \mathrm{softmax}(\alpha)` lies on the simplex, so :math:`L` is unit lower-triangular for any raw
+    parameters. With ``diagonal=True`` the shared diagonal becomes learnable and positive,
+    :math:`L_{ii} = \mathrm{softplus}(\rho_i) + 10^{-3}`.
+
+    * log-det: 0 (the paper's volume-preserving case), or :math:`\sum_i \log L_{ii}` with ``diagonal=True``;
+    * forward: combining the matrices costs O(K·D²) per call, then O(D²) per point; inverse: one triangular
+      solve, O(D²) per point.
+
+    Starts near the identity (the :math:`L_k` off-diagonals are drawn from :math:`N(0, 10^{-4})` so that the
+    matrices are distinguishable and the weights get gradients). See :class:`ConditionalConvexTriangular` for the
+    paper's amortized version, where the encoder emits the weights.
+
+    Reference: J. M. Tomczak & M. Welling, "Improving Variational Auto-Encoders using convex combination linear
+    Inverse Autoregressive Flow", Benelearn 2017.
+
+    Args:
+        dim: event size D.
+        num_matrices: number K of triangular matrices.
+        diagonal: learn a positive diagonal (default ``False``: unit diagonal, volume preserving).
+        bias: learn the offset :math:`b` (default ``False``, as in the paper).
+
+    Example:
+        >>> import torch
+        >>> flow = ConvexTriangular(4, num_matrices=3)
+        >>> flow.weights().shape, torch.allclose(flow.weights().sum(), torch.tensor(1.0))
+        (torch.Size([3]), True)
+
+    """
+
+    def __init__(self, dim: int, num_matrices: int = 4, diagonal: bool = False, bias: bool = False) -> None:
+        super().__init__(dim)
+        if num_matrices < 1:
+            raise ValueError(f"num_matrices must be a positive integer, got {num_matrices}")
+        self.num_matrices = num_matrices
+        self.add_raw_param("lowers", 1e-2 * torch.randn(num_matrices, dim * (dim - 1) // 2))
+        self.add_raw_param("logits", torch.zeros(num_matrices))
+        if diagonal:
+            self.add_raw_param("raw_diag", torch.full((dim,), RAW_ONE))
+        if bias:
+            self.add_raw_param("bias", torch.zeros(dim))
+
+    def weights(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The convex weights :math:`w` (on the simplex), of shape ``batch + (K,)``."""
+        params = self.raw_params() if params is None else params
+        return torch.softmax(params["logits"], dim=-1)
+
+    def _matrix(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        packed = (self.weights(params).unsqueeze(-1) * params["lowers"]).sum(-2)
+        diag = positive(params["raw_diag"]) if "raw_diag" in params else None
+        ones = packed.new_ones(*packed.shape[:-1], self.dim)
+        return tril_from_packed(packed, self.dim, ones if diag is None else diag.expand_as(ones)), diag
+
+    def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        matrix, diag = self._matrix(params)
+        return _add_bias(params, matvec(matrix, x)), _log_det_from_diag(diag, x)
+
+    def _inverse_with(self, params: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+        matrix, diag = self._matrix(params)
+        x = solve_triangular_vec(matrix, _remove_bias(params, y), upper=False, unit_diagonal=diag is None)
+        return x, _log_det_from_diag(diag, x)
 
 
 @registry.register("lu")
@@ -165,7 +301,7 @@ class LU(ParametricFlow):
     def __init__(
         self,
         dim: int,
-        permutation: Literal["reverse", "random"] | Sequence[int] | Tensor = "random",
+        permutation: PermutationSpec = "random",
         bias: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -180,25 +316,127 @@ class LU(ParametricFlow):
             self.add_raw_param("bias", torch.zeros(dim))
 
     def _factors(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        diag = positive(params["raw_diag"])
-        lower = tril_from_packed(params["lower"], self.dim, torch.ones_like(diag))
-        upper = tril_from_packed(params["upper"], self.dim, diag, upper=True)
-        return lower, upper, diag
+        return lu_factors(params["lower"], params["upper"], params["raw_diag"], self.dim)
 
     def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         lower, upper, diag = self._factors(params)
         y = matvec(lower @ upper, x)[..., self.permutation]
-        if "bias" in params:
-            y = y + params["bias"]
-        return y, expand_log_det(diag.log().sum(-1), x, 1)
+        return _add_bias(params, y), _log_det_from_diag(diag, x)
 
     def _inverse_with(self, params: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         lower, upper, diag = self._factors(params)
-        if "bias" in params:
-            y = y - params["bias"]
-        z = solve_triangular_vec(lower, y[..., self.inverse_permutation], upper=False, unit_diagonal=True)
+        y = _remove_bias(params, y)[..., self.inverse_permutation]
+        x = solve_triangular_vec(upper, solve_triangular_vec(lower, y, upper=False, unit_diagonal=True), upper=True)
+        return x, _log_det_from_diag(diag, x)
+
+
+@registry.register("householder")
+class Householder(ParametricFlow):
+    r"""Householder flow (Tomczak & Welling 2016): :math:`y = H_1 H_2 \cdots H_K x + b`.
+
+    :math:`H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2` reflects through the hyperplane orthogonal to
+    :math:`v_k`. A product of reflections is orthogonal for any (non-zero) :math:`v_k`; a zero :math:`v_k` is treated as
+    :math:`H_k = I`. Each reflection is an O(D) vector update, never a :math:`D \times D` matrix
+    (:func:`~pyro_flows.transforms._utils.householder_product`).
+
+    * log-det: 0 (volume preserving);
+    * forward: O(K·D) per point, :math:`H_K` applied first; inverse: the same reflections in reverse order
+      (:math:`Q^{-1} = Q^\top = H_K \cdots H_1`), O(K·D) per point.
+
+    The vectors start random in identical consecutive pairs, so the flow starts at the identity when K is even
+    (an odd K leaves one reflection).
+
+    Reference: J. M. Tomczak & M. Welling, "Improving Variational Auto-Encoders using Householder Flow",
+    NeurIPS workshop on Bayesian deep learning, 2016.
+
+    Args:
+        dim: event size D.
+        count: number K of reflections.
+        bias: learn the offset :math:`b` (default ``False``).
+
+    Example:
+        >>> import torch
+        >>> flow = Householder(4, count=2)
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(flow(x), x, atol=1e-6)
+        True
+
+    """
+
+    def __init__(self, dim: int, count: int = 2, bias: bool = False) -> None:
+        super().__init__(dim)
+        if count < 1:
+            raise ValueError(f"count must be a positive integer, got {count}")
+        self.add_raw_param("vectors", _paired_vectors(count, dim))
+        if bias:
+            self.add_raw_param("bias", torch.zeros(dim))
+
+    def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        y = _add_bias(params, householder_product(params["vectors"], x))
+        return y, _log_det_from_diag(None, y)
+
+    def _inverse_with(self, params: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+        x = householder_product_reverse(params["vectors"], _remove_bias(params, y))
+        return x, _log_det_from_diag(None, x)
+
+
+@registry.register("qr")
+class QR(ParametricFlow):
+    r"""QR linear flow :math:`y = Q R x + b` (Hoogeboom, van den Berg & Welling 2019).
+
+    :math:`Q = H_1 \cdots H_K` is a product of Householder reflections (orthogonal; K = D reaches every orthogonal
+    matrix), :math:`R` upper-triangular with positive diagonal :math:`R_{ii} = \mathrm{softplus}(\rho_i)
+    + 10^{-3}`, so :math:`W = QR` is invertible for any raw parameters and reaches every invertible matrix when
+    K = D.
+
+    * log-det: :math:`\sum_i \log R_{ii}` (O(D));
+    * forward: O(D² + K·D) per point; inverse: reflections in reverse order, then a triangular solve with
+      :math:`R`, O(D² + K·D) per point. No :math:`D \times D` orthogonal matrix is formed.
+
+    Starts at :math:`R = I` and :math:`Q = I` when K is even (paired reflection vectors).
+
+    Reference: E. Hoogeboom, R. van den Berg & M. Welling, "Emerging Convolutions for Generative Normalizing
+    Flows", ICML 2019 (Section 3.3, QR decomposition).
+
+    Args:
+        dim: event size D.
+        count: number K of reflections in :math:`Q` (default D).
+        bias: learn the offset :math:`b` (default ``True``).
+
+    Example:
+        >>> import torch
+        >>> flow = QR(4)
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(flow.inv(flow(x)), x, atol=1e-5)
+        True
+
+    """
+
+    def __init__(self, dim: int, count: int | None = None, bias: bool = True) -> None:
+        super().__init__(dim)
+        count = dim if count is None else count
+        if count < 1:
+            raise ValueError(f"count must be a positive integer, got {count}")
+        self.add_raw_param("vectors", _paired_vectors(count, dim))
+        self.add_raw_param("upper", torch.zeros(dim * (dim - 1) // 2))
+        self.add_raw_param("raw_diag", torch.full((dim,), RAW_ONE))
+        if bias:
+            self.add_raw_param("bias", torch.zeros(dim))
+
+    def _triangular(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        diag = positive(params["raw_diag"])
+        return tril_from_packed(params["upper"], self.dim, diag, upper=True), diag
+
+    def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        upper, diag = self._triangular(params)
+        y = _add_bias(params, householder_product(params["vectors"], matvec(upper, x)))
+        return y, _log_det_from_diag(diag, x)
+
+    def _inverse_with(self, params: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+        upper, diag = self._triangular(params)
+        z = householder_product_reverse(params["vectors"], _remove_bias(params, y))
         x = solve_triangular_vec(upper, z, upper=True)
-        return x, expand_log_det(diag.log().sum(-1), x, 1)
+        return x, _log_det_from_diag(diag, x)
 
 
 @conditional_registry.register("triangular")
@@ -229,3 +467,100 @@ class ConditionalLU(HyperConditionalFlow):
 
     def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,)) -> None:
         super().__init__(LU(dim), context_dim, hidden_dims, activation=nn.ELU)
+
+
+@conditional_registry.register("convex_triangular")
+class ConditionalConvexTriangular(ConditionalFlow):
+    r"""Amortized ccLinIAF (Tomczak & Welling 2017): the encoder state :math:`c` gives the convex weights.
+
+    :math:`y = L(c)\, x`, :math:`L(c) = \sum_k w_k(c) L_k`, :math:`w(c) = \mathrm{softmax}(\alpha_0 + g(c))`, with
+    :math:`g` an MLP whose last layer starts at zero (so every context starts at the unconditional
+    :class:`ConvexTriangular`). As in the paper the weights are always amortized; with ``amortize_matrices=True``
+    the strictly-lower entries of every :math:`L_k` are amortized too (:math:`\theta_0 + g(c)`), otherwise the
+    :math:`L_k` are global parameters shared by all contexts. Log-det and inverse as in :class:`ConvexTriangular`.
+
+    Args:
+        dim: event size D.
+        context_dim: context size (the encoder's hidden state h in the VAE).
+        num_matrices: number K of triangular matrices.
+        amortize_matrices: also produce the matrices from the context.
+        diagonal: learn a positive diagonal (context-independent).
+        bias: learn the offset :math:`b` (context-independent).
+        hidden_dims: hidden widths of ``g``.
+
+    Example:
+        >>> import torch
+        >>> flow = ConditionalConvexTriangular(4, context_dim=2, num_matrices=3)
+        >>> flow.condition(torch.randn(5, 2))(torch.randn(5, 4)).shape
+        torch.Size([5, 4])
+
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        num_matrices: int = 4,
+        amortize_matrices: bool = False,
+        diagonal: bool = False,
+        bias: bool = False,
+        hidden_dims: Sequence[int] = (64,),
+    ) -> None:
+        super().__init__(dim, context_dim)
+        self.template = ConvexTriangular(dim, num_matrices, diagonal=diagonal, bias=bias)
+        self.amortized = ["logits", "lowers"] if amortize_matrices else ["logits"]
+        self._sizes = [self.template.param_shapes[name].numel() for name in self.amortized]
+        self.hypernet = MLP(context_dim, sum(self._sizes), hidden_dims, activation=nn.ELU, zero_last=True)
+
+    def weights(self, context: Tensor) -> Tensor:
+        """The convex weights :math:`w(c)` on the simplex, of shape ``context.shape[:-1] + (K,)``."""
+        return self.template.weights(self.condition(context).params)
+
+    def condition(self, context: Tensor) -> ConditionedFlow:
+        """Return the ccLinIAF for ``context`` of shape ``(..., context_dim)``; its batch dims broadcast."""
+        self.check_context(context)
+        batch = context.shape[:-1]
+        params = self.template.raw_params()
+        deltas = self.hypernet(context).split(self._sizes, dim=-1)
+        for name, delta in zip(self.amortized, deltas, strict=True):
+            params[name] = params[name] + delta.reshape(batch + self.template.param_shapes[name])
+        return ConditionedFlow(self.template, params)
+
+
+@conditional_registry.register("householder")
+class ConditionalHouseholder(HyperConditionalFlow):
+    r"""Amortized :class:`Householder`: the reflection vectors are :math:`v_k(c) = v_{k,0} + g_k(c)`.
+
+    In the Householder-flow VAE (Tomczak & Welling 2016) the encoder emits the reflection vectors; here one
+    hypernetwork ``g`` maps the encoder state (the context) to all K vectors at once. The last layer of ``g``
+    starts at zero, so every context starts at the unconditional flow. Volume preserving; inverse = reflections in
+    reverse order.
+
+    Args:
+        dim: event size D.
+        context_dim: context size.
+        count: number K of reflections.
+        hidden_dims: hidden widths of ``g``.
+
+    """
+
+    def __init__(self, dim: int, context_dim: int, count: int = 2, hidden_dims: Sequence[int] = (64,)) -> None:
+        super().__init__(Householder(dim, count), context_dim, hidden_dims, activation=nn.ELU)
+
+
+@conditional_registry.register("qr")
+class ConditionalQR(HyperConditionalFlow):
+    r"""Amortized :class:`QR`: reflection vectors, :math:`R` and :math:`b` are :math:`\theta_0 + g(c)`.
+
+    Args:
+        dim: event size D.
+        context_dim: context size.
+        count: number K of reflections (default D).
+        hidden_dims: hidden widths of the hypernetwork ``g``.
+
+    """
+
+    def __init__(
+        self, dim: int, context_dim: int, count: int | None = None, hidden_dims: Sequence[int] = (64,)
+    ) -> None:
+        super().__init__(QR(dim, count), context_dim, hidden_dims, activation=nn.ELU)
