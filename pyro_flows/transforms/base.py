@@ -167,13 +167,13 @@ class FlowMixin:
     def _call(self, x: Tensor) -> Tensor:
         self._check(x)
         y, log_det = self._forward_and_log_det(x)
-        self._ld_cache = (x, y, log_det)
+        self.__dict__["_ld_cache"] = (x, y, log_det)
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
         self._check(y)
         x, log_det = self._inverse_and_log_det(y)
-        self._ld_cache = (x, y, log_det)
+        self.__dict__["_ld_cache"] = (x, y, log_det)
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
