@@ -1,5 +1,17 @@
 """Conditioner networks: MLPs, masked autoregressive networks and context encoders."""
 
+from pyro_flows.nn.lipschitz import LipschitzMLP, LipSwish, SpectralNormLinear
+from pyro_flows.nn.made import MADE, MaskedLinear, made_degrees
 from pyro_flows.nn.mlp import MLP
+from pyro_flows.nn.resnet import ResidualNet
 
-__all__ = ["MLP"]
+__all__ = [
+    "MADE",
+    "MLP",
+    "LipSwish",
+    "LipschitzMLP",
+    "MaskedLinear",
+    "ResidualNet",
+    "SpectralNormLinear",
+    "made_degrees",
+]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -219,7 +219,14 @@ class Flow(FlowMixin, TransformModule):
         return math.prod(self.event_shape)
 
     def _dtype_and_device(self) -> tuple[torch.dtype | None, torch.device | None]:
-        return state_dtype_and_device(self)
+        cached = self.__dict__.get("_state_dtype_device")
+        if cached is None:
+            cached = self.__dict__["_state_dtype_device"] = state_dtype_and_device(self)
+        return cached
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Flow:
+        self.__dict__.pop("_state_dtype_device", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def with_cache(self, cache_size: int = 1) -> Flow:
         """Set Pyro's transform cache size in place (modules are not copied, so parameters stay shared)."""

@@ -1,0 +1,240 @@
+r"""MADE: masked autoencoder for distribution estimation (Germain et al. 2015), the autoregressive conditioner.
+
+Every unit carries a *degree*. Input :math:`i` has degree :math:`r_i \in \{1..D\}`, its rank in the
+autoregressive order; hidden units have degrees in :math:`\{1..D-1\}`. A hidden unit of degree :math:`k` may read
+units of degree :math:`\le k`, an output attached to input :math:`i` may read units of degree :math:`< r_i`. The
+output for coordinate :math:`i` is therefore a function of :math:`\{x_j : r_j < r_i\}` only, whatever the weights:
+the Jacobian of the network's outputs w.r.t. its inputs is strictly triangular in the order.
+
+Masks are built once (buffers, saved in ``state_dict`` and moved with the module); each forward multiplies each
+weight by its mask once and runs plain ``F.linear`` layers. Hidden widths may be smaller than D: hidden degrees are
+then spread evenly over :math:`1..D-1` (fewer connections, still autoregressive). A context vector enters the first
+layer through an unmasked linear map (degree 0: every unit may read it).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MADE", "MaskedLinear", "made_degrees"]
+
+Order = Literal["natural", "reverse", "random"] | Sequence[int] | Tensor
+
+
+def made_degrees(dim: int, order: Order = "natural", generator: torch.Generator | None = None) -> Tensor:
+    """Input degrees ``r`` (1-based ranks) of an autoregressive order on ``range(dim)``.
+
+    ``order`` is ``"natural"`` (0, 1, ..., D-1), ``"reverse"``, ``"random"`` or an explicit sequence listing the
+    coordinates from first to last; coordinate ``order[k]`` gets degree ``k + 1``.
+
+    Raises:
+        ValueError: if an explicit order is not a permutation of ``range(dim)`` or the name is unknown.
+
+    Example:
+        >>> made_degrees(3, "reverse").tolist()
+        [3, 2, 1]
+
+    """
+    if isinstance(order, str):
+        if order == "natural":
+            perm = torch.arange(dim)
+        elif order == "reverse":
+            perm = torch.arange(dim - 1, -1, -1)
+        elif order == "random":
+            perm = torch.randperm(dim, generator=generator)
+        else:
+            raise ValueError(f"order must be 'natural', 'reverse', 'random' or a sequence of indices, got {order!r}")
+    else:
+        perm = torch.as_tensor(order, dtype=torch.long).flatten()
+        if perm.numel() != dim or not torch.equal(perm.sort().values, torch.arange(dim)):
+            raise ValueError(f"order must be a permutation of range({dim}), got {perm.tolist()}")
+    degrees = torch.empty(dim, dtype=torch.long)
+    degrees[perm] = torch.arange(1, dim + 1)
+    return degrees
+
+
+def _hidden_degrees(width: int, dim: int) -> Tensor:
+    """Degrees of a hidden layer: cycle through 1..D-1 when wide enough, else spread evenly over 1..D-1."""
+    top = max(dim - 1, 1)
+    if width >= top:
+        return torch.arange(width) % top + 1
+    return torch.linspace(1, top, width).round().long()
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask (a buffer) at every call.
+
+    Args:
+        mask: ``(out_features, in_features)`` mask; its shape sets the layer's sizes.
+        bias: learn a bias.
+
+    Example:
+        >>> layer = MaskedLinear(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+        >>> layer.masked_weight()[0, 1].item()
+        0.0
+
+    """
+
+    def __init__(self, mask: Tensor, bias: bool = True) -> None:
+        out_features, in_features = mask.shape
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def masked_weight(self) -> Tensor:
+        """The effective weight ``weight * mask``."""
+        return self.weight * self.mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ (weight * mask).T + bias``."""
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+class MADE(nn.Module):
+    r"""Masked autoregressive network :math:`x \in \mathbb{R}^D \mapsto \theta \in \mathbb{R}^{P \times D}`.
+
+    Output ``theta[..., p, i]`` depends only on the inputs before coordinate ``i`` in the order (and on the
+    context). Layers: masked linear maps with ``activation`` in between; with ``residual=True`` each hidden→hidden
+    layer of equal width is a skip block :math:`h + W\,\mathrm{act}(h)` (the degrees are the same on both sides, so
+    the skip keeps the autoregressive property).
+
+    Args:
+        dim: number of autoregressive inputs D.
+        num_params: number of outputs per input coordinate P.
+        hidden_dims: hidden widths (any positive sizes; may be smaller than D).
+        context_dim: size of an optional context vector (0: unconditional).
+        order: ``"natural"``, ``"reverse"``, ``"random"`` or an explicit order (first to last coordinate).
+        residual: use skip connections between consecutive hidden layers (their widths must be equal).
+        activation: activation module class.
+        output_scale: the output layer's initial weights are scaled by this factor and its bias starts at 0, so the
+            outputs start near 0 (flows then start near their identity parameters).
+        generator: random generator for ``order="random"``.
+
+    Attributes:
+        degrees: input degrees (buffer), ``degrees[i]`` = 1-based rank of coordinate ``i`` in the order.
+        num_passes: (0-d buffer) number of sequential passes that invert an autoregressive map built on this network:
+            the length of the longest dependency chain between inputs (D for full-width networks, fewer when narrow
+            hidden layers cut connections).
+
+    Example:
+        >>> net = MADE(4, num_params=2, hidden_dims=(8,))
+        >>> net(torch.randn(10, 4)).shape
+        torch.Size([10, 2, 4])
+
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_params: int = 2,
+        hidden_dims: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        order: Order = "natural",
+        residual: bool = False,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+        output_scale: float = 1e-2,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        hidden_dims = tuple(int(h) for h in hidden_dims)
+        if dim < 1 or num_params < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
+            raise ValueError(
+                f"MADE sizes must be positive, got dim={dim}, num_params={num_params}, "
+                f"hidden_dims={hidden_dims}, context_dim={context_dim}"
+            )
+        if residual and len(set(hidden_dims)) > 1:
+            raise ValueError(f"residual MADE needs equal hidden widths, got {hidden_dims}")
+        self.dim = dim
+        self.num_params = num_params
+        self.context_dim = context_dim
+        self.residual = residual
+        degrees = made_degrees(dim, order, generator)
+        self.register_buffer("degrees", degrees)
+        layer_degrees = [degrees, *(_hidden_degrees(h, dim) for h in hidden_dims)]
+        self.layers = nn.ModuleList(
+            MaskedLinear((d_out[:, None] >= d_in[None, :]).float()) for d_in, d_out in itertools.pairwise(layer_degrees)
+        )
+        out_degrees = degrees.repeat(num_params)
+        self.output = MaskedLinear((out_degrees[:, None] > layer_degrees[-1][None, :]).float())
+        with torch.no_grad():
+            self.output.weight.mul_(output_scale)
+            self.output.bias.zero_()
+        self.context = nn.Linear(context_dim, hidden_dims[0]) if context_dim and hidden_dims else None
+        self.context_output = nn.Linear(context_dim, dim * num_params, bias=False) if context_dim else None
+        if self.context_output is not None:
+            with torch.no_grad():
+                self.context_output.weight.mul_(output_scale)
+        self.activation = activation()
+        self._relu_in_place = type(self.activation) is nn.ReLU and not residual
+        self.register_buffer("num_passes", torch.tensor(self._longest_chain()))
+
+    def connectivity(self) -> Tensor:
+        """``(D, D)`` boolean matrix: entry ``[i, j]`` is True when some path connects input ``j`` to output ``i``."""
+        reach: Tensor | None = None
+        for layer in self.layers:
+            skip = reach if self.residual else 0
+            reach = layer.mask if reach is None else (layer.mask @ reach + skip).clamp(max=1)
+        out = self.output.mask[: self.dim]
+        return (out if reach is None else out @ reach) > 0
+
+    def _longest_chain(self) -> int:
+        parents = self.connectivity()
+        depth = torch.zeros(self.dim, dtype=torch.long)
+        for i in torch.argsort(self.degrees).tolist():
+            above = depth[parents[i]]
+            depth[i] = 1 + (int(above.max()) if above.numel() else 0)
+        return int(depth.max())
+
+    def _activate(self, h: Tensor) -> Tensor:
+        # hidden pre-activations are fresh tensors that nothing else reads (no skip connections): ReLU may overwrite
+        # them (the linear maps' backward does not need their outputs), saving one allocation per layer
+        if self._relu_in_place:
+            return torch.relu_(h)
+        return self.activation(h)
+
+    def masked_weights(self) -> list[Tensor]:
+        """The effective (masked) weights of all layers, output layer last; compute once, reuse for many passes."""
+        return [layer.masked_weight() for layer in self.layers] + [self.output.masked_weight()]
+
+    def context_term(self, context: Tensor | None) -> tuple[Tensor | None, Tensor] | None:
+        """The context's contributions to the first hidden layer and to the output layer (``None`` without context).
+
+        The context has degree 0: it may feed every unit, including the outputs of the first coordinate in the
+        order (which no hidden unit reaches), hence the direct context → output map.
+        """
+        if self.context_output is None:
+            if context is not None:
+                raise ValueError("this MADE has no context input (context_dim=0) but a context was given")
+            return None
+        if context is None:
+            raise ValueError(f"this MADE needs a context of size {self.context_dim}")
+        hidden = self.context(context) if self.context is not None else None
+        return hidden, self.context_output(context)
+
+    def apply_weights(
+        self, x: Tensor, weights: Sequence[Tensor], context_term: tuple[Tensor | None, Tensor] | None = None
+    ) -> Tensor:
+        """Run the network on ``x`` with precomputed masked ``weights``; returns ``(..., num_params, dim)``."""
+        h = x
+        for i, (layer, weight) in enumerate(zip(self.layers, weights, strict=False)):
+            pre = F.linear(h if i == 0 else self._activate(h), weight, layer.bias)
+            if i == 0 and context_term is not None and context_term[0] is not None:
+                pre = pre + context_term[0]
+            h = pre + h if self.residual and i > 0 else pre
+        out = F.linear(self._activate(h) if self.layers else h, weights[-1], self.output.bias)
+        if context_term is not None:
+            out = out + context_term[1]
+        return out.unflatten(-1, (self.num_params, self.dim))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Autoregressive parameters ``(..., num_params, dim)`` for inputs ``x`` of shape ``(..., dim)``."""
+        return self.apply_weights(x, self.masked_weights(), self.context_term(context))
+
+    def extra_repr(self) -> str:
+        """Show the sizes in ``repr``."""
+        return f"dim={self.dim}, num_params={self.num_params}, context_dim={self.context_dim}, residual={self.residual}"
