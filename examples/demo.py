@@ -1,0 +1,90 @@
+"""Flow autoguide demo: Bayesian logistic regression on scikit-learn's breast-cancer data set.
+
+569 tumours, 30 standardized features (strongly collinear: radius, perimeter and area measure nearly the same
+thing), so the posterior over the 31 coefficients is strongly correlated and skewed; a mean-field Gaussian
+(``AutoNormal``) cannot represent it. The recommended workflow is shown:
+
+1. fit ``AutoNormal`` (cheap, robust);
+2. warm-start a flow guide from it with ``AutoIAF.from_guide`` (same initial distribution, so the flow only learns
+   what the Gaussian misses) and keep training; the base is already fitted, so the flows may learn at full speed
+   (``flow_lr_scale=1.0`` instead of the default 0.1 that protects a cold start);
+3. compare ELBOs (higher is better; both estimated with the same 4000 particles) and PSIS k̂, and summarize the
+   posterior in constrained space.
+
+Runs in about a minute on two CPU cores (measured: 56 s): ``make demo`` (or ``.venv/bin/python examples/demo.py``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.importance import psis_diagnostic
+from pyro.optim import ClippedAdam
+from sklearn.datasets import load_breast_cancer
+
+from pyro_flows.guides import AutoIAF
+
+
+def load() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    data = load_breast_cancer()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    y = torch.tensor(data.target, dtype=torch.float32)
+    return x, y, list(data.feature_names)
+
+
+def model(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    bias = pyro.sample("bias", dist.Normal(0.0, 5.0))
+    w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Bernoulli(logits=bias + (w * x).sum(-1)), obs=y)
+
+
+def train(guide: AutoNormal | AutoIAF, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> float:
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)}), elbo)
+    start = time.perf_counter()
+    for _ in range(steps):
+        svi.step(x, y)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def report(label: str, guide: AutoNormal | AutoIAF, x: torch.Tensor, y: torch.Tensor, seconds: float) -> float:
+    elbo = -Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1).loss(model, guide, x, y)
+    khat = psis_diagnostic(model, guide, x, y, num_particles=2000, max_simultaneous_particles=500)
+    print(f"{label:34s} ELBO {elbo:9.2f}   PSIS k̂ {khat:5.2f}   ({seconds:5.1f} s)")
+    return elbo
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    x, y, names = load()
+    print(f"breast cancer: {x.shape[0]} points, {x.shape[1]} standardized features + intercept\n")
+
+    normal = AutoNormal(model)
+    seconds = train(normal, x, y, steps=1000, lr=0.02)
+    normal_elbo = report("AutoNormal", normal, x, y, seconds)
+
+    flow = AutoIAF.from_guide(normal, num_flows=2, hidden_dims=(64, 64), flow_lr_scale=1.0)
+    seconds = train(flow, x, y, steps=1500, lr=0.005)
+    flow_elbo = report("AutoIAF (warm-started from AutoNormal)", flow, x, y, seconds)
+    print(f"\nflow guide − AutoNormal: {flow_elbo - normal_elbo:+.2f} nats of ELBO (a lower bound on log p(y | x))\n")
+
+    quantiles = flow.quantiles([0.05, 0.5, 0.95], x, y)
+    print("posterior (AutoIAF), 5% / 50% / 95% quantiles:")
+    print(f"  {'intercept':24s} {quantiles['bias'][0]:7.2f} {quantiles['bias'][1]:7.2f} {quantiles['bias'][2]:7.2f}")
+    top = quantiles["w"][1].abs().argsort(descending=True)[:6]
+    for i in top.tolist():
+        q = quantiles["w"][:, i]
+        print(f"  {names[i]:24s} {q[0]:7.2f} {q[1]:7.2f} {q[2]:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

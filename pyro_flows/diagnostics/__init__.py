@@ -1,0 +1,34 @@
+r"""Bayesian-workflow diagnostics for any Pyro guide: ArviZ export, PSIS k̂, importance resampling, reference checks.
+
+* :func:`to_inference_data` — a fitted guide as :class:`arviz.InferenceData` (posterior, posterior predictive,
+  pointwise log-likelihood, observed data), ready for ``az.summary``, ``az.plot_pair`` and ``az.loo``;
+* :func:`psis_khat` — the Pareto :math:`\hat k` of Yao et al. (2018), "Yes, but did it work?";
+* :func:`importance_resample` — the PSIS-corrected posterior as InferenceData;
+* :func:`compare_to_reference` — mean error in reference sds and sd ratio per parameter against NUTS or
+  posteriordb draws (:func:`read_posteriordb_draws`);
+* :func:`iwae_bound` — importance-weighted log-likelihood bounds for amortized (VAE) guides;
+* :func:`fit_svi` / :class:`ELBOTrace` / :func:`plot_elbo` — SVI with a recorded ELBO trace, plotted in one call.
+
+Importing this package imports ArviZ (and silences ArviZ's import-time ``FutureWarning`` for that import only).
+"""
+
+from pyro_flows.diagnostics.arviz import samples_to_inference_data, to_inference_data
+from pyro_flows.diagnostics.elbo import ELBOTrace, fit_svi, plot_elbo
+from pyro_flows.diagnostics.iwae import elbo_estimate, importance_log_weights, iwae_bound
+from pyro_flows.diagnostics.psis import importance_resample, psis_khat
+from pyro_flows.diagnostics.reference import compare_to_reference, read_posteriordb_draws
+
+__all__ = [
+    "ELBOTrace",
+    "compare_to_reference",
+    "elbo_estimate",
+    "fit_svi",
+    "importance_log_weights",
+    "importance_resample",
+    "iwae_bound",
+    "plot_elbo",
+    "psis_khat",
+    "read_posteriordb_draws",
+    "samples_to_inference_data",
+    "to_inference_data",
+]

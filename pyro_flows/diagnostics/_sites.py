@@ -1,0 +1,113 @@
+"""Site bookkeeping shared by the diagnostics: which sites of a model are latent, observed or deterministic.
+
+One trace of the guide, replayed through the model, tells the kind, shape and plates of every site. The
+diagnostics assume a static model structure (the same sites with the same shapes on every run), as
+:class:`pyro.infer.Predictive` and :func:`pyro.infer.importance.psis_diagnostic` do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+
+
+@dataclass
+class SiteInfo:
+    """Shape and plate information of one model site.
+
+    Attributes:
+        name: site name.
+        kind: ``"latent"``, ``"observed"`` or ``"deterministic"``.
+        shape: shape of one value of the site (batch + event).
+        event_dim: number of event dimensions of the site's distribution.
+        dims: one name per axis of ``shape``: the plate name for plate axes, ``"<name>_dim_<i>"`` otherwise.
+        value: the value of the site in the reference trace (observed data for observed sites).
+
+    """
+
+    name: str
+    kind: str
+    shape: torch.Size
+    event_dim: int
+    dims: list[str]
+    value: Tensor
+
+
+@dataclass
+class ModelSites:
+    """Every sample/deterministic site of a model, in trace order, and the model's plate nesting."""
+
+    sites: dict[str, SiteInfo] = field(default_factory=dict)
+    max_plate_nesting: int = 0
+
+    def names(self, kind: str) -> list[str]:
+        """Names of the sites of one kind, in trace order."""
+        return [name for name, site in self.sites.items() if site.kind == kind]
+
+
+def _axis_names(name: str, shape: torch.Size, event_dim: int, frames: list[Any]) -> list[str]:
+    dims = [f"{name}_dim_{i}" for i in range(len(shape))]
+    batch_ndim = len(shape) - event_dim
+    for frame in frames:
+        if not frame.vectorized or frame.dim is None:
+            continue
+        axis = batch_ndim + frame.dim
+        if 0 <= axis < batch_ndim and shape[axis] == frame.size:
+            dims[axis] = frame.name
+    return dims
+
+
+def inspect_model(
+    model: Callable[..., Any], guide: Callable[..., Any] | None, args: tuple, kwargs: Mapping[str, Any]
+) -> ModelSites:
+    """Trace ``guide`` once, replay ``model`` on it and classify the model's sites.
+
+    Args:
+        model: a Pyro model.
+        guide: a guide for ``model`` (``None`` runs the model from its prior).
+        args: positional arguments of model and guide.
+        kwargs: keyword arguments of model and guide.
+
+    Returns:
+        The sites of ``model`` with their kind, shape and plate axes.
+
+    Raises:
+        ValueError: if the model has no latent site.
+
+    """
+    with poutine.block(), torch.no_grad():
+        if guide is None:
+            model_trace = poutine.trace(InitMessenger(init_to_feasible)(model)).get_trace(*args, **kwargs)
+        else:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    model_trace = prune_subsample_sites(model_trace)
+    info = ModelSites()
+    nesting = 0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["infer"].get("_do_not_trace"):
+            continue
+        frames = list(site["cond_indep_stack"])
+        nesting = max([nesting] + [-f.dim for f in frames if f.vectorized and f.dim is not None])
+        if site["infer"].get("_deterministic"):
+            kind = "deterministic"
+        elif site["is_observed"]:
+            kind = "observed"
+        else:
+            kind = "latent"
+        value = site["value"]
+        event_dim = int(getattr(site["fn"], "event_dim", 0))
+        # pyro.deterministic declares every axis an event axis; its plate axes are still the rightmost ones
+        dims = _axis_names(name, value.shape, 0 if kind == "deterministic" else event_dim, frames)
+        info.sites[name] = SiteInfo(name, kind, value.shape, event_dim, dims, value.detach())
+    info.max_plate_nesting = nesting
+    if not info.names("latent"):
+        raise ValueError("the model has no latent sample site: there is no posterior to diagnose")
+    return info
