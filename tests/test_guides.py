@@ -28,9 +28,8 @@ PRESET_FAMILIES = {
     "AutoFFJORD": "ffjord",
 }
 AVAILABLE = [name for name in PRESETS if PRESET_FAMILIES[name] in registry]
-# JIT-traceable presets: not the iterative ones (residual, FFJORD, MAF's sequential sampling), and not AutoIAF
-# for now (its MADE fails under torch.jit.trace with "a view of a leaf Variable ... in-place operation").
-JIT_PRESETS = [n for n in AVAILABLE if n not in ("AutoResidual", "AutoFFJORD", "AutoMAF", "AutoIAF")]
+# JIT-traceable presets: not the iterative ones (residual, FFJORD, MAF's sequential sampling).
+JIT_PRESETS = [n for n in AVAILABLE if n not in ("AutoResidual", "AutoFFJORD", "AutoMAF")]
 
 
 @pytest.fixture(autouse=True)

@@ -192,8 +192,9 @@ class MADE(nn.Module):
 
     def _activate(self, h: Tensor) -> Tensor:
         # hidden pre-activations are fresh tensors that nothing else reads (no skip connections): ReLU may overwrite
-        # them (the linear maps' backward does not need their outputs), saving one allocation per layer
-        if self._relu_in_place:
+        # them (the linear maps' backward does not need their outputs), saving one allocation per layer; not under
+        # torch.jit.trace (JitTrace_ELBO), whose traced graph rejects in-place updates of these tensors
+        if self._relu_in_place and not torch.jit.is_tracing():
             return torch.relu_(h)
         return self.activation(h)
 
