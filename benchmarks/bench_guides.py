@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -29,7 +29,7 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow,
 from pyro.infer.importance import psis_diagnostic
 from pyro.optim import Adam
 
-from pyro_flows.guides import PRESETS, AutoSylvester
+from pyro_flows.guides import PRESETS, AutoIAF, AutoSylvester
 from pyro_flows.transforms import registry
 
 COLUMNS = ["problem", "guide", "steps", "steps_per_s", "elbo", "kl", "khat", "finite", "speedup_vs", "speedup"]
@@ -222,8 +222,14 @@ def eight_schools() -> None:
         pyro.sample("y", dist.Normal(theta, SCHOOLS_SIGMA), obs=SCHOOLS_Y)
 
 
-def hard_rows(quick: bool, steps: int | None = None, slow_steps: int | None = None) -> list[dict]:
-    """Funnel and centered eight schools; ``slow_steps`` (default ``steps``) for the slow MAF/FFJORD/residual."""
+def hard_rows(
+    quick: bool, steps: int | None = None, slow_steps: int | None = None, only: Sequence[str] | None = None
+) -> list[dict]:
+    """Funnel and centered eight schools; ``slow_steps`` (default ``steps``) for the slow MAF/FFJORD/residual.
+
+    Every preset at its defaults, plus ``AutoIAF(affine × 4)`` (the affine update recommended for scales that vary
+    with other latents); ``only`` restricts the run to these guide labels.
+    """
     steps = steps or (100 if quick else 300)
     slow_steps = slow_steps or steps
     rows = []
@@ -231,7 +237,13 @@ def hard_rows(quick: bool, steps: int | None = None, slow_steps: int | None = No
         guides: dict[str, Callable[[], Callable]] = {"AutoNormal": lambda m=model: AutoNormal(m)}
         for preset in available_presets():
             guides[preset] = functools.partial(PRESETS[preset], model)
+        if "iaf" in registry:
+            guides["AutoIAF(affine × 4)"] = functools.partial(
+                AutoIAF, model, num_flows=4, gated=False, flow_lr_scale=1.0
+            )
         for label, make in guides.items():
+            if only is not None and label not in only:
+                continue
             guide = make()
             n = slow_steps if label in ("AutoMAF", "AutoFFJORD", "AutoResidual") else steps
             rate, finite = fit(model, guide, n, 0.005)

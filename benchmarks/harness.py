@@ -75,3 +75,24 @@ def write(suite: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], de
     header = f"### {suite} ({device}; torch {torch.__version__}, {torch.get_num_threads()} threads)\n\n"
     (RESULTS / f"{tag}.md").write_text(header + table + "\n")
     return header + table
+
+
+def update(
+    suite: str,
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    device: str,
+    key: Sequence[str] = ("problem", "guide"),
+) -> str:
+    """Like :func:`write`, but keep the rows of an earlier ``results/<suite>-<device>.json`` that ``rows`` do not
+    replace (same values in the ``key`` columns); new rows take the place of the ones they replace."""
+    path = RESULTS / f"{suite}-{device.split(':')[0]}.json"
+    merged = json.loads(path.read_text())["rows"] if path.exists() else []
+    for row in rows:
+        ident = tuple(row[k] for k in key)
+        positions = [i for i, old in enumerate(merged) if tuple(old.get(k) for k in key) == ident]
+        if positions:
+            merged[positions[0]] = row
+        else:
+            merged.append(row)
+    return write(suite, merged, columns, device)

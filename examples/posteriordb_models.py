@@ -209,7 +209,8 @@ def laplace_flow_guide(
     correlation matrix restores its correlations; ``num_flows`` IAF layers (at the identity) act before it, on
     whitened coordinates, and learn what the Gaussian misses (skewness, funnels, heavy tails). Strongly
     correlated posteriors (regressions on uncentred predictors) then need no SVI steps to learn their linear
-    structure.
+    structure. ``iaf_kwargs`` go to the ``"iaf"`` factory; pass ``gated=False`` (as :func:`fit_and_compare` does)
+    when scales vary with other latents (hierarchical models): the gated update can only shrink coordinates.
     """
     with torch.no_grad():
         scale_tril = (laplace.scale.unsqueeze(-1) * laplace.scale_tril).detach()
@@ -270,7 +271,8 @@ def fit_and_compare(
     init = init_to_value(values=laplace.median(*args))
     guide: Any
     if guide_name == "flow":
-        guide = laplace_flow_guide(model, laplace, hidden_dims=(32, 32))
+        # affine IAF updates: the hierarchical scale (eight schools' tau) needs coordinates rescaled up and down
+        guide = laplace_flow_guide(model, laplace, hidden_dims=(32, 32), gated=False)
     elif guide_name == "AutoNormal":
         guide = AutoNormal(model, init_loc_fn=init)
     elif guide_name == "AutoMultivariateNormal":

@@ -9,7 +9,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
-from pyro.optim import Adam
+from pyro.optim import Adam, ClippedAdam
 
 from pyro_flows.guides import PRESETS, AutoFlow, AutoIAF, AutoSylvester
 from pyro_flows.transforms import registry
@@ -249,6 +249,38 @@ def test_no_nan_on_funnel_float32():
     losses = [svi.step() for _ in range(100)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+@pytest.mark.slow
+def test_affine_iaf_recovers_the_funnel():
+    """Neal's funnel is one affine autoregressive layer: the affine IAF guide gets close, mean-field cannot."""
+
+    def funnel():
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(torch.zeros(9), (v / 2).exp().unsqueeze(-1)).to_event(1))
+
+    elbo = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=0)
+    kl = {}
+    for label, make in (
+        ("normal", lambda: AutoNormal(funnel)),
+        ("affine iaf", lambda: AutoIAF(funnel, num_flows=4, gated=False, flow_lr_scale=1.0)),
+    ):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = make()
+        svi = SVI(
+            funnel,
+            guide,
+            ClippedAdam({"lr": 0.005, "lrd": 0.1 ** (1 / 1000)}),
+            Trace_ELBO(num_particles=16, vectorize_particles=True),
+        )
+        for _ in range(1000):
+            svi.step()
+        with torch.no_grad():
+            kl[label] = elbo.loss(funnel, guide)  # log Z = 0: the loss is KL(q || p)
+    # 1000 steps: about 1.9 and 0.6 nats (the notebook's 8000 steps: 1.9 and 0.03)
+    assert kl["normal"] > 1.5, kl
+    assert kl["affine iaf"] < kl["normal"] - 1.0, kl
 
 
 def test_block_for_local_latents_with_guide_list():

@@ -44,9 +44,16 @@ InitLocFn = Callable[[dict], Tensor]
 
 
 class AutoIAF(AutoFlow):
-    """Inverse autoregressive flow guide (Kingma et al. 2016): ``num_flows`` IAF layers, reversed in between.
+    r"""Inverse autoregressive flow guide (Kingma et al. 2016): ``num_flows`` IAF layers, reversed in between.
 
     Sampling and scoring its own draws are one parallel pass per layer.
+
+    The layers use the numerically stable gated update :math:`z' = \sigma \odot z + (1 - \sigma) \odot m`
+    (the default of the ``"iaf"`` factory), which can only shrink a coordinate, by a factor in (0, 1) per layer.
+    Where the posterior's scale changes by orders of magnitude with another latent (funnels, hierarchical scales)
+    pass ``gated=False`` for the affine update :math:`z' = \mu + e^{s} \odot z` (:math:`|s| < 5`), more layers and
+    ``flow_lr_scale=1.0``: on Neal's 10-d funnel (8000 steps, 16 particles) the affine guide with 4 layers reaches
+    KL 0.026 nats and k̂ 0.25 against KL 0.79 and k̂ 0.75 for the gated default (``examples/notebooks/neals_funnel``).
 
     Args:
         model: a Pyro model.
