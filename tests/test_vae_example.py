@@ -69,3 +69,13 @@ def test_cli_compare_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert {"neg_elbo", "nll", "flow", "epochs", "seconds"} <= set(r)
         assert np.isfinite(r["neg_elbo"]) and np.isfinite(r["nll"])
     assert "| householder × 4 |" in capsys.readouterr().out
+
+
+def test_cli_flow_kwargs_reach_the_flow_constructor() -> None:
+    common = ["--flow", "iaf", "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--iw-samples", "10"]
+    common += ["--elbo-samples", "2", "--batch-size", "500", "--quiet"]
+    (result,) = vae.main([*common, "--flow-kwargs", '{"gated": false}'])
+    assert result["flow_kwargs"] == {"gated": False}
+    assert np.isfinite(result["nll"])
+    with pytest.raises(TypeError, match="bogus"):
+        vae.main([*common, "--flow-kwargs", '{"bogus": 1}'])
