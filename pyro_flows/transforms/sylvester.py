@@ -199,7 +199,7 @@ class _Sylvester(ParametricFlow):
         entries = nn.functional.pad(torch.cat([diag, params["upper"]], dim=-1), (1, 0))
         m = self.num_hidden
         r, rt = entries.index_select(-1, self._triangle_index).view(*entries.shape[:-1], m, m).unbind(-3)
-        return r, rt, diag.prod(-2)
+        return r, rt, diag[..., 0, :] * diag[..., 1, :]
 
     @staticmethod
     def _log_det(act: Tensor, diag_prod: Tensor) -> Tensor:
