@@ -90,14 +90,10 @@ def run(name: str, label: str, setting: Setting) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--energies", default="U1,U2,U3,U4")
-    parser.add_argument("--guides", nargs="+", default=list(GUIDES), help="guide labels (default: all)")
+    parser.add_argument("--guides", nargs="+", choices=list(GUIDES), default=list(GUIDES), help="default: all")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    labels = args.guides
-    unknown = [label for label in labels if label not in GUIDES]
-    if unknown:
-        raise SystemExit(f"unknown guides {unknown}; choose from {list(GUIDES)}")
-    rows = [run(name, label, GUIDES[label]) for name in args.energies.split(",") for label in labels]
+    rows = [run(name, label, GUIDES[label]) for name in args.energies.split(",") for label in args.guides]
     print(update("energies_long", rows, COLUMNS, "cpu"))
 
 

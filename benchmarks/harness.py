@@ -65,15 +65,19 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines)
 
 
+def result_path(suite: str, device: str, suffix: str) -> Path:
+    """``results/<suite>-<device type><suffix>``, e.g. ``results/guides-cuda.json``."""
+    return RESULTS / f"{suite}-{device.split(':')[0]}{suffix}"
+
+
 def write(suite: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], device: str) -> str:
     """Write ``results/<suite>-<device>.json`` and ``.md``; return the markdown table."""
     RESULTS.mkdir(exist_ok=True)
-    tag = f"{suite}-{device.split(':')[0]}"
     payload = {"suite": suite, "device": device, "machine": machine(), "rows": list(rows)}
-    (RESULTS / f"{tag}.json").write_text(json.dumps(payload, indent=2))
+    result_path(suite, device, ".json").write_text(json.dumps(payload, indent=2))
     table = markdown_table(rows, columns)
     header = f"### {suite} ({device}; torch {torch.__version__}, {torch.get_num_threads()} threads)\n\n"
-    (RESULTS / f"{tag}.md").write_text(header + table + "\n")
+    result_path(suite, device, ".md").write_text(header + table + "\n")
     return header + table
 
 
@@ -86,13 +90,8 @@ def update(
 ) -> str:
     """Like :func:`write`, but keep the rows of an earlier ``results/<suite>-<device>.json`` that ``rows`` do not
     replace (same values in the ``key`` columns); new rows take the place of the ones they replace."""
-    path = RESULTS / f"{suite}-{device.split(':')[0]}.json"
-    merged = json.loads(path.read_text())["rows"] if path.exists() else []
-    for row in rows:
-        ident = tuple(row[k] for k in key)
-        positions = [i for i, old in enumerate(merged) if tuple(old.get(k) for k in key) == ident]
-        if positions:
-            merged[positions[0]] = row
-        else:
-            merged.append(row)
-    return write(suite, merged, columns, device)
+    path = result_path(suite, device, ".json")
+    previous = json.loads(path.read_text())["rows"] if path.exists() else []
+    merged = {tuple(row.get(k) for k in key): row for row in previous}
+    merged.update((tuple(row[k] for k in key), row) for row in rows)
+    return write(suite, list(merged.values()), columns, device)

@@ -119,7 +119,7 @@ def train_one(args: argparse.Namespace, flow: str, seed: int, data: list[Tensor]
     train, val, test = (d.to(device) for d in data)
     gen = torch.Generator(device=device).manual_seed(1234)  # one fixed binarization of val/test for every run
     val_bin, test_bin = binarize(val, gen), binarize(test, gen)
-    flow_kwargs = json.loads(args.flow_kwargs) if flow != "none" else {}
+    flow_kwargs = args.flow_kwargs if flow != "none" else {}
     vae = VAE(train.shape[1], args.latent_dim, args.hidden, flow, args.num_flows, flow_kwargs).to(device)
     optim_cls = pyro.optim.Adamax if args.optimizer == "adamax" else pyro.optim.Adam
     beta = SiteScale("z", 1.0)
@@ -207,7 +207,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flows", nargs="+", choices=FLOWS, default=list(FLOWS), help="flows run by --compare")
     p.add_argument("--num-flows", type=int, default=4)
     p.add_argument(
-        "--flow-kwargs", default="{}", help="JSON keyword arguments of every flow layer, e.g. '{\"gated\": false}'"
+        "--flow-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON keyword arguments of every flow layer, e.g. '{\"gated\": false}'",
     )
     p.add_argument("--latent-dim", type=int, default=None, help="default: 8 (digits), 32 (mnist)")
     p.add_argument("--hidden", type=int, default=None, help="encoder/decoder width; default 256 (digits), 300 (mnist)")
