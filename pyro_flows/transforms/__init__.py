@@ -2,7 +2,8 @@ r"""Normalizing-flow layers as Pyro ``TransformModule`` s, one module per family
 
 Every family module defines ``__all__``; its public names are re-exported here. Importing a family module
 registers its flows in :data:`registry`, :data:`conditional_registry` or :data:`image_registry`
-(see :mod:`pyro_flows.transforms.registry`), the name → factory mappings used by guides and density estimators.
+(see :mod:`pyro_flows.transforms.registry`), the name → factory mappings behind the one stack builder
+:func:`~pyro_flows.transforms.stack.build_flows` that guides and density estimators use.
 """
 
 from pyro_flows.transforms import (
@@ -18,14 +19,7 @@ from pyro_flows.transforms import (
     sylvester,
 )
 from pyro_flows.transforms.autoregressive import *  # noqa: F403
-from pyro_flows.transforms.base import (
-    ConditionalFlow,
-    ConditionedFlow,
-    Flow,
-    FlowMixin,
-    HyperConditionalFlow,
-    ParametricFlow,
-)
+from pyro_flows.transforms.base import ConditionalFlow, ConditionedFlow, Flow, ParametricFlow
 from pyro_flows.transforms.continuous import *  # noqa: F403
 from pyro_flows.transforms.conv import *  # noqa: F403
 from pyro_flows.transforms.coupling import *  # noqa: F403
@@ -35,6 +29,7 @@ from pyro_flows.transforms.planar import *  # noqa: F403
 from pyro_flows.transforms.radial import *  # noqa: F403
 from pyro_flows.transforms.registry import FlowRegistry, conditional_registry, image_registry, registry
 from pyro_flows.transforms.residual import *  # noqa: F403
+from pyro_flows.transforms.stack import build_flows, condition_flows
 from pyro_flows.transforms.sylvester import *  # noqa: F403
 
 _FAMILIES = (autoregressive, continuous, conv, coupling, elementwise, linear, planar, radial, residual, sylvester)
@@ -43,10 +38,10 @@ __all__ = [
     "ConditionalFlow",
     "ConditionedFlow",
     "Flow",
-    "FlowMixin",
     "FlowRegistry",
-    "HyperConditionalFlow",
     "ParametricFlow",
+    "build_flows",
+    "condition_flows",
     "conditional_registry",
     "image_registry",
     "registry",

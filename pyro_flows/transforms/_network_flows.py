@@ -1,24 +1,18 @@
-r"""Shared machinery of the conditioner-network flows (autoregressive and coupling).
+r"""Element-wise maps of the conditioner-network flows (autoregressive and coupling).
 
-* Element-wise maps :math:`y_i = \tau(x_i; \theta_i)` whose parameters come from a conditioner network: affine with a
-  soft-clamped log-scale, the gated IAF update, and rational-quadratic splines. Each takes parameters of shape
-  ``(..., P, n)`` (P raw parameters per coordinate) and returns the output and the summed log-derivative of the
-  forward map.
-* A *core* module (the network plus its element-wise map) exposes ``forward(x, context)`` and
-  ``inverse(y, context)``, each returning ``(output, log|det ∂y/∂x|)`` in one call; :class:`NetworkFlow`,
-  :class:`NetworkConditionalFlow` and :class:`ConditionedNetworkFlow` wrap it into the unconditional flow, the
-  conditional family and the flow conditioned on a context tensor.
+Each is a bijection :math:`y_i = \tau(x_i; \theta_i)` whose parameters come from a conditioner network: affine
+with a soft-clamped log-scale, the gated IAF update, and rational-quadratic splines. Each takes parameters of shape
+``(..., P, n)`` (P raw parameters per coordinate) and returns the output and the summed log-derivative of the
+forward map.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.distributions import Transform
+from torch import Tensor
 
 from pyro_flows.transforms._splines import num_spline_params, rational_quadratic_spline
-from pyro_flows.transforms.base import ConditionalFlow, Flow, FlowMixin, check_tensor
 
 
 def soft_clamp(raw: Tensor, bound: float) -> Tensor:
@@ -133,88 +127,3 @@ class SplineMap(ElementwiseMap):
         """See :class:`ElementwiseMap`."""
         x, log_deriv = rational_quadratic_spline(y, params.transpose(-1, -2), self.bound, inverse=True)
         return x, log_deriv.sum(-1)
-
-
-class NetworkCore(nn.Module):
-    """A conditioner network plus its element-wise map; subclasses implement ``forward`` and ``inverse``."""
-
-    fast_direction: str = "forward"
-
-    def reference_tensor(self) -> Tensor:
-        """A floating-point parameter whose dtype and device are those of the whole module."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(y, log|det ∂y/∂x|)``."""
-        raise NotImplementedError
-
-    def inverse(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(x, log|det ∂y/∂x|)``."""
-        raise NotImplementedError
-
-
-class NetworkFlow(Flow):
-    """An unconditional flow computed by a :class:`NetworkCore` (``self.core``)."""
-
-    core: NetworkCore
-
-    def _dtype_and_device(self) -> tuple[torch.dtype | None, torch.device | None]:
-        # the network's output bias stands for all the state: avoids walking the module tree on every call
-        reference = self.core.reference_tensor()
-        return reference.dtype, reference.device
-
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.core(x, None)
-
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.core.inverse(y, None)
-
-
-class NetworkConditionalFlow(ConditionalFlow):
-    """A conditional family computed by a :class:`NetworkCore` (``self.core``) that reads the context."""
-
-    core: NetworkCore
-    #: Which direction of the conditioned flows is one network pass (as :attr:`FlowMixin.fast_direction`).
-    fast_direction: str = "forward"
-    inverse_atol: float = 1e-6
-
-    def condition(self, context: Tensor) -> ConditionedNetworkFlow:
-        """Return the flow for ``context`` of shape ``(..., context_dim)`` (its batch dims broadcast with events)."""
-        self.check_context(context)
-        return ConditionedNetworkFlow(self, context)
-
-
-class ConditionedNetworkFlow(FlowMixin, Transform):
-    """The flow of a :class:`NetworkConditionalFlow` at a fixed context (a plain ``Transform``).
-
-    Args:
-        owner: the conditional family (its network and weights are used).
-        context: ``(..., context_dim)`` context; its batch dims broadcast with the events'.
-
-    """
-
-    def __init__(self, owner: NetworkConditionalFlow, context: Tensor, cache_size: int = 1) -> None:
-        super().__init__(cache_size=cache_size)
-        self.owner = owner
-        self.context = context
-        self.event_shape = owner.event_shape
-        self.fast_direction = owner.core.fast_direction  # type: ignore[misc]
-        self.inverse_atol = owner.inverse_atol  # type: ignore[misc]
-        self._ld_cache = None
-
-    def _dtype_and_device(self) -> tuple[torch.dtype | None, torch.device | None]:
-        return self.context.dtype, self.context.device
-
-    def _check(self, x: Tensor) -> None:
-        reference = self.owner.core.reference_tensor()
-        name = f"{type(self.owner).__name__} (conditioned)"
-        check_tensor(x, self.event_shape, reference.dtype, reference.device, name)
-
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.owner.core(x, self.context)
-
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.owner.core.inverse(y, self.context)
-
-    def __repr__(self) -> str:
-        return f"ConditionedNetworkFlow({type(self.owner).__name__})"

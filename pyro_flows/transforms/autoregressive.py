@@ -17,7 +17,8 @@ connections; the loop stops there). Masked weights are computed once per call an
 last pass's parameters already give the log-det (no extra network call). Cost: one pass ≈ one MLP evaluation,
 the sequential direction ≈ L of them.
 
-Every flow has a conditional variant (``context_dim``): the context enters the MADE's first layer.
+Every family is one class; with ``context_dim > 0`` it is the conditional variant: the context enters the MADE's
+first layer.
 """
 
 from __future__ import annotations
@@ -33,20 +34,13 @@ from pyro_flows.transforms._network_flows import (
     AffineMap,
     ElementwiseMap,
     GatedMap,
-    NetworkConditionalFlow,
-    NetworkCore,
-    NetworkFlow,
     NormalizingAffineMap,
     SplineMap,
 )
-from pyro_flows.transforms.base import Direction
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.base import Direction, Flow
+from pyro_flows.transforms.registry import registry
 
 __all__ = [
-    "ConditionalInverseAutoregressive",
-    "ConditionalMaskedAutoregressive",
-    "ConditionalSplineInverseAutoregressive",
-    "ConditionalSplineMaskedAutoregressive",
     "InverseAutoregressive",
     "MaskedAutoregressive",
     "SplineInverseAutoregressive",
@@ -59,45 +53,42 @@ LOG_SCALE_BOUND = 5.0
 GATE_BIAS = 3.0
 
 
-class AutoregressiveCore(NetworkCore):
-    """A MADE and an element-wise map; ``fast_direction`` says which side is one pass.
+class _Autoregressive(Flow):
+    """A MADE and an element-wise map; the class's ``fast_direction`` says which side is one pass.
 
     Args:
         dim: event size D.
         elementwise: the element-wise bijection family.
-        fast_direction: ``"forward"`` (IAF: parameters read the input) or ``"inverse"`` (MAF: they read the output).
-        hidden_dims, context_dim, order, residual, generator: see :class:`~pyro_flows.nn.MADE`.
+        hidden_dims, order, residual, generator: see :class:`~pyro_flows.nn.MADE`.
+        context_dim: context size (0: unconditional).
 
     """
+
+    fast_direction: ClassVar[Direction]
+    needs_permutation = True
 
     def __init__(
         self,
         dim: int,
         elementwise: ElementwiseMap,
-        fast_direction: Direction,
         hidden_dims: Sequence[int],
-        context_dim: int,
         order: Order,
         residual: bool,
         generator: torch.Generator | None,
+        context_dim: int,
     ) -> None:
-        super().__init__()
+        super().__init__(dim, context_dim=context_dim)
         self.elementwise = elementwise
-        self.fast_direction = fast_direction
         self.made = MADE(
             dim, elementwise.num_params, hidden_dims, context_dim, order=order, residual=residual, generator=generator
         )
 
-    def reference_tensor(self) -> Tensor:
-        """The MADE's output bias (dtype and device of the whole module)."""
-        return self.made.output.bias
-
-    def one_pass(self, v: Tensor, context: Tensor | None, invert: bool) -> tuple[Tensor, Tensor]:
+    def _one_pass(self, v: Tensor, context: Tensor | None, invert: bool) -> tuple[Tensor, Tensor]:
         """``τ(v; θ(v))`` (or ``τ⁻¹``): the parallel direction, one network call."""
         params = self.made(v, context)
         return (self.elementwise.inverse if invert else self.elementwise.forward)(v, params)
 
-    def sequential(self, w: Tensor, context: Tensor | None, invert: bool) -> tuple[Tensor, Tensor]:
+    def _sequential(self, w: Tensor, context: Tensor | None, invert: bool) -> tuple[Tensor, Tensor]:
         """Solve ``v = τ(w; θ(v))`` (or ``τ⁻¹``) by ``made.num_passes`` fixed-point passes (exact)."""
         weights = self.made.masked_weights()
         context_term = self.made.context_term(context)
@@ -108,62 +99,15 @@ class AutoregressiveCore(NetworkCore):
             v, log_det = step(w, self.made.apply_weights(v, weights, context_term))
         return v, log_det
 
-    def forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(y, log|det ∂y/∂x|)``."""
+    def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.fast_direction == "forward":
-            return self.one_pass(x, context, invert=False)
-        return self.sequential(x, context, invert=False)
+            return self._one_pass(x, context, invert=False)
+        return self._sequential(x, context, invert=False)
 
-    def inverse(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(x, log|det ∂y/∂x|)``."""
+    def _inverse_and_log_det(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.fast_direction == "forward":
-            return self.sequential(y, context, invert=True)
-        return self.one_pass(y, context, invert=True)
-
-
-class _Autoregressive(NetworkFlow):
-    """Unconditional autoregressive flow: builds the core with ``context_dim=0``."""
-
-    fast_direction: ClassVar[Direction]
-
-    def __init__(
-        self,
-        dim: int,
-        elementwise: ElementwiseMap,
-        hidden_dims: Sequence[int],
-        order: Order,
-        residual: bool,
-        generator: torch.Generator | None,
-    ) -> None:
-        super().__init__(dim)
-        self.core = AutoregressiveCore(
-            dim, elementwise, self.fast_direction, hidden_dims, 0, order, residual, generator
-        )
-
-
-class _ConditionalAutoregressive(NetworkConditionalFlow):
-    """Conditional autoregressive family: the context enters the MADE."""
-
-    fast_direction: ClassVar[Direction]
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        elementwise: ElementwiseMap,
-        hidden_dims: Sequence[int],
-        order: Order,
-        residual: bool,
-        generator: torch.Generator | None,
-    ) -> None:
-        super().__init__(dim, context_dim)
-        self.core = AutoregressiveCore(
-            dim, elementwise, self.fast_direction, hidden_dims, context_dim, order, residual, generator
-        )
-
-
-def _iaf_map(gated: bool, gate_bias: float, log_scale_bound: float) -> ElementwiseMap:
-    return GatedMap(gate_bias) if gated else AffineMap(log_scale_bound)
+            return self._sequential(y, context, invert=True)
+        return self._one_pass(y, context, invert=True)
 
 
 @registry.register("iaf")
@@ -177,22 +121,28 @@ class InverseAutoregressive(_Autoregressive):
       The gate bias :math:`b` = ``gate_bias`` puts :math:`\sigma \approx 0.95` at initialization (the MADE's output
       layer starts near zero), so the layer starts near the identity;
     * ``gated=False``: :math:`y = m + e^{s} \odot x` with :math:`s = B \tanh(g / B)`, log-det :math:`\sum_i s_i`
-      (starts near the identity).
+      (starts near the identity). Prefer it where scales vary by orders of magnitude (funnels) and for VAE
+      posteriors (``examples/vae.py``).
 
-    Forward and its log-det: one MADE pass. Inverse: ``core.made.num_passes`` (≤ D) sequential passes, exact.
+    Forward and its log-det: one MADE pass. Inverse: ``made.num_passes`` (≤ D) sequential passes, exact.
 
     Args:
         dim: event size D.
         hidden_dims: MADE hidden widths (may be smaller than D).
         order: autoregressive order: ``"random"`` (default; a buffer), ``"natural"``, ``"reverse"`` or explicit
-            indices (first to last). Alternate orders (or add permutations) when stacking layers.
+            indices (first to last). Stacks interleave reversals (:attr:`needs_permutation`).
         gated: use the gated update (default) instead of the affine one.
-        gate_bias: :math:`b` of the gated update.
-        log_scale_bound: :math:`B` of the affine update.
+        gate_bias: :math:`b` of the gated update (only with ``gated=True``).
+        log_scale_bound: :math:`B` of the affine update (only with ``gated=False``).
         residual: residual MADE (equal hidden widths).
         generator: random generator for ``order="random"``.
+        context_dim: context size of the amortized variant (0: unconditional); the context enters the MADE.
 
-    Example:
+    Raises:
+        ValueError: a setting of the update that is not used (``gate_bias`` with ``gated=False``,
+            ``log_scale_bound`` with ``gated=True``), or a non-finite or non-positive bound.
+
+    Examples:
         >>> import torch
         >>> flow = InverseAutoregressive(4, hidden_dims=(16,))
         >>> x = torch.randn(3, 4)
@@ -209,51 +159,21 @@ class InverseAutoregressive(_Autoregressive):
         hidden_dims: Sequence[int] = (64, 64),
         order: Order = "random",
         gated: bool = True,
-        gate_bias: float = GATE_BIAS,
-        log_scale_bound: float = LOG_SCALE_BOUND,
+        gate_bias: float | None = None,
+        log_scale_bound: float | None = None,
         residual: bool = False,
         generator: torch.Generator | None = None,
+        context_dim: int = 0,
     ) -> None:
-        super().__init__(dim, _iaf_map(gated, gate_bias, log_scale_bound), hidden_dims, order, residual, generator)
-
-
-@conditional_registry.register("iaf")
-class ConditionalInverseAutoregressive(_ConditionalAutoregressive):
-    """Conditional :class:`InverseAutoregressive`: the context enters the MADE (amortized IAF).
-
-    For VAE posteriors prefer ``gated=False``: on the MNIST split of ``examples/vae.py`` (4 layers, 40 epochs,
-    3 seeds) the affine update gained 2.6 ± 0.5 nats NLL over the plain VAE, the gated one lost 1.8 ± 0.8.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        hidden_dims, order, gated, gate_bias, log_scale_bound, residual, generator: see
-            :class:`InverseAutoregressive`.
-
-    Example:
-        >>> import torch
-        >>> flow = ConditionalInverseAutoregressive(4, context_dim=2, hidden_dims=(16,))
-        >>> flow.condition(torch.randn(5, 2))(torch.randn(5, 4)).shape
-        torch.Size([5, 4])
-
-    """
-
-    fast_direction = "forward"
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        order: Order = "random",
-        gated: bool = True,
-        gate_bias: float = GATE_BIAS,
-        log_scale_bound: float = LOG_SCALE_BOUND,
-        residual: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        elementwise = _iaf_map(gated, gate_bias, log_scale_bound)
-        super().__init__(dim, context_dim, elementwise, hidden_dims, order, residual, generator)
+        if gated and log_scale_bound is not None:
+            raise ValueError("log_scale_bound sets the affine update: it needs gated=False")
+        if not gated and gate_bias is not None:
+            raise ValueError("gate_bias sets the gated update: it needs gated=True")
+        if gated:
+            elementwise: ElementwiseMap = GatedMap(GATE_BIAS if gate_bias is None else gate_bias)
+        else:
+            elementwise = AffineMap(LOG_SCALE_BOUND if log_scale_bound is None else log_scale_bound)
+        super().__init__(dim, elementwise, hidden_dims, order, residual, generator, context_dim)
 
 
 @registry.register("maf")
@@ -266,23 +186,24 @@ class MaskedAutoregressive(_Autoregressive):
     * inverse (one MADE pass, parallel): :math:`x = y \odot e^{s(y)} + \mu(y)`;
     * log-det of the forward map: :math:`-\sum_i s_i`, from the same pass (so
       :math:`\log p(y) = \log p_0(x) + \sum_i s_i`);
-    * forward (base → data, sampling): :math:`y_i = (x_i - \mu_i) e^{-s_i}`, solved in ``core.made.num_passes``
+    * forward (base → data, sampling): :math:`y_i = (x_i - \mu_i) e^{-s_i}`, solved in ``made.num_passes``
       (≤ D) sequential passes, exact.
 
-    The shift is added after the scale in the one-pass direction (as in zuko's MAF); this trains better than the
-    paper's equivalent :math:`y = x e^{s} + \mu` form (``benchmarks/bench_autoregressive.py``).
+    The shift is added after the scale in the one-pass direction; this trains better than the paper's equivalent
+    :math:`y = x e^{s} + \mu` form (``benchmarks/bench_autoregressive.py``).
 
     Starts near the identity (the MADE's output layer starts near zero).
 
     Args:
         dim: event size D.
         hidden_dims: MADE hidden widths (may be smaller than D).
-        order: ``"random"`` (default), ``"natural"``, ``"reverse"`` or explicit indices; alternate when stacking.
+        order: ``"random"`` (default), ``"natural"``, ``"reverse"`` or explicit indices.
         log_scale_bound: soft bound :math:`B` of the log-scales.
         residual: residual MADE (equal hidden widths).
         generator: random generator for ``order="random"``.
+        context_dim: context size of the amortized variant (conditional density estimation; 0: unconditional).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = MaskedAutoregressive(3, hidden_dims=(16,))
         >>> y = torch.randn(5, 3)
@@ -302,38 +223,15 @@ class MaskedAutoregressive(_Autoregressive):
         log_scale_bound: float = LOG_SCALE_BOUND,
         residual: bool = False,
         generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(dim, NormalizingAffineMap(log_scale_bound), hidden_dims, order, residual, generator)
-
-
-@conditional_registry.register("maf")
-class ConditionalMaskedAutoregressive(_ConditionalAutoregressive):
-    """Conditional :class:`MaskedAutoregressive` (conditional density estimation): the context enters the MADE.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        hidden_dims, order, log_scale_bound, residual, generator: see :class:`MaskedAutoregressive`.
-
-    """
-
-    fast_direction = "inverse"
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        order: Order = "random",
-        log_scale_bound: float = LOG_SCALE_BOUND,
-        residual: bool = False,
-        generator: torch.Generator | None = None,
+        context_dim: int = 0,
     ) -> None:
         elementwise = NormalizingAffineMap(log_scale_bound)
-        super().__init__(dim, context_dim, elementwise, hidden_dims, order, residual, generator)
+        super().__init__(dim, elementwise, hidden_dims, order, residual, generator, context_dim)
 
 
-_SPLINE_DOC_ARGS = """
+class _SplineAutoregressive(_Autoregressive):
+    """Autoregressive rational-quadratic spline flow; subclasses fix the fast direction.
+
     Args:
         dim: event size D.
         hidden_dims: MADE hidden widths.
@@ -342,98 +240,46 @@ _SPLINE_DOC_ARGS = """
         order: ``"random"`` (default), ``"natural"``, ``"reverse"`` or explicit indices.
         residual: residual MADE (equal hidden widths).
         generator: random generator for ``order="random"``.
-"""
+        context_dim: context size of the amortized variant (0: unconditional).
+
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        num_bins: int = 8,
+        bound: float = 3.0,
+        order: Order = "random",
+        residual: bool = False,
+        generator: torch.Generator | None = None,
+        context_dim: int = 0,
+    ) -> None:
+        super().__init__(dim, SplineMap(num_bins, bound), hidden_dims, order, residual, generator, context_dim)
 
 
-@registry.register("spline_autoregressive")
-class SplineInverseAutoregressive(_Autoregressive):
+@registry.register("spline_iaf")
+class SplineInverseAutoregressive(_SplineAutoregressive):
     r"""Autoregressive rational-quadratic spline flow (Durkan et al. 2019), IAF direction: one-pass forward.
 
     :math:`y_i = \mathrm{RQS}(x_i; \theta_i(x_{<i}))`, a monotonic rational-quadratic spline with K bins on
     :math:`[-B, B]` and identity tails. Log-det: :math:`\sum_i \log \mathrm{RQS}'(x_i)` from the same pass. Inverse:
-    ``core.made.num_passes`` (≤ D) sequential passes, each spline inverted in closed form (quadratic root).
+    ``made.num_passes`` (≤ D) sequential passes, each spline inverted in closed form (quadratic root).
     Starts near the identity. Same direction as Pyro's ``spline_autoregressive``; for density estimation use
-    :class:`SplineMaskedAutoregressive`.
+    :class:`SplineMaskedAutoregressive`. Arguments: see :class:`_SplineAutoregressive` (``dim``,
+    ``hidden_dims``, ``num_bins``, ``bound``, ``order``, ``residual``, ``generator``, ``context_dim``).
     """
 
-    __doc__ = (__doc__ or "") + _SPLINE_DOC_ARGS
     fast_direction = "forward"
-
-    def __init__(
-        self,
-        dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        num_bins: int = 8,
-        bound: float = 3.0,
-        order: Order = "random",
-        residual: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(dim, SplineMap(num_bins, bound), hidden_dims, order, residual, generator)
 
 
 @registry.register("spline_maf")
-class SplineMaskedAutoregressive(_Autoregressive):
+class SplineMaskedAutoregressive(_SplineAutoregressive):
     r"""Autoregressive rational-quadratic spline flow, MAF direction: one-pass inverse (density evaluation).
 
     :math:`y_i = \mathrm{RQS}(x_i; \theta_i(y_{<i}))`: the inverse
     :math:`x_i = \mathrm{RQS}^{-1}(y_i; \theta_i(y_{<i}))` and the log-det are one pass;
-    sampling takes ``core.made.num_passes`` (≤ D) sequential passes.
+    sampling takes ``made.num_passes`` (≤ D) sequential passes. Arguments: see :class:`_SplineAutoregressive`.
     """
 
-    __doc__ = (__doc__ or "") + _SPLINE_DOC_ARGS
     fast_direction = "inverse"
-
-    def __init__(
-        self,
-        dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        num_bins: int = 8,
-        bound: float = 3.0,
-        order: Order = "random",
-        residual: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(dim, SplineMap(num_bins, bound), hidden_dims, order, residual, generator)
-
-
-@conditional_registry.register("spline_autoregressive")
-class ConditionalSplineInverseAutoregressive(_ConditionalAutoregressive):
-    """Conditional :class:`SplineInverseAutoregressive`: the context enters the MADE. ``context_dim``: its size."""
-
-    __doc__ = (__doc__ or "") + _SPLINE_DOC_ARGS
-    fast_direction = "forward"
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        num_bins: int = 8,
-        bound: float = 3.0,
-        order: Order = "random",
-        residual: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(dim, context_dim, SplineMap(num_bins, bound), hidden_dims, order, residual, generator)
-
-
-@conditional_registry.register("spline_maf")
-class ConditionalSplineMaskedAutoregressive(_ConditionalAutoregressive):
-    """Conditional :class:`SplineMaskedAutoregressive`: the context enters the MADE. ``context_dim``: its size."""
-
-    __doc__ = (__doc__ or "") + _SPLINE_DOC_ARGS
-    fast_direction = "inverse"
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        num_bins: int = 8,
-        bound: float = 3.0,
-        order: Order = "random",
-        residual: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(dim, context_dim, SplineMap(num_bins, bound), hidden_dims, order, residual, generator)

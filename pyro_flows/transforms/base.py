@@ -1,30 +1,36 @@
-"""Base classes shared by every flow of :mod:`pyro_flows.transforms`.
+r"""Base classes shared by every flow of :mod:`pyro_flows.transforms`.
 
-A flow is a bijection :math:`y = f(x)` on events of a fixed shape. Subclasses implement
+A flow is a bijection :math:`y = f(x; c)` on events of a fixed shape, optionally conditioned on a context vector
+:math:`c`. A family is **one class**: a subclass of :class:`Flow` that implements
 
-* ``_forward_and_log_det(x) -> (y, log|det ∂y/∂x|)`` and
-* ``_inverse_and_log_det(y) -> (x, log|det ∂y/∂x|)`` (the log-det is always that of the *forward* map at ``x``),
+* ``_forward_and_log_det(x, context) -> (y, log|det ∂y/∂x|)`` and
+* ``_inverse_and_log_det(y, context) -> (x, log|det ∂y/∂x|)`` (the log-det is always that of the *forward* map),
 
-and the base classes provide the rest of Pyro's :class:`~torch.distributions.transforms.Transform` protocol:
+where ``context`` is ``None`` for an unconditional flow (``context_dim=0``, the default). The same class with
+``context_dim > 0`` is the amortized variant: :meth:`Flow.condition` returns the flow at a given context, and
+:class:`ConditionalFlow` wraps it as a Pyro ``ConditionalTransformModule`` (what
+:data:`~pyro_flows.transforms.registry.conditional_registry` returns). How the context enters is the family's
+business: conditioner networks (MADE, coupling, residual, ODE nets) read it as an input; closed-form families
+subclass :class:`ParametricFlow`, whose raw parameters become :math:`\theta(c) = \theta_0 + g(c)` with a
+hypernetwork :math:`g` whose output layers start at zero (so every context starts at the unconditional flow).
+
+The base class provides the rest of Pyro's :class:`~torch.distributions.transforms.Transform` protocol:
 
 * input validation: wrong event shape, dtype or device raises a clear error instead of broadcasting;
-* one pass for output and log-det: the log-det computed by ``_call``/``_inverse`` is cached with its ``(x, y)``
-  pair, so scoring a sample the flow has just produced never calls its network again;
-* ``fast_direction``: which direction is one parallel pass (``"forward"``, e.g. IAF) or the inverse
-  (``"inverse"``, e.g. MAF); :meth:`log_abs_det_jacobian` on an uncached pair uses the fast direction.
-
-Conditional flows come in two shapes. Families with their own context-aware networks (MADE, coupling) subclass
-:class:`ConditionalFlow` directly. Families whose map is a closed-form function of a few parameter tensors
-subclass :class:`ParametricFlow`; :class:`HyperConditionalFlow` then amortizes any of them: a hypernetwork maps the
-context to an offset of the raw parameters, ``θ(c) = θ₀ + g(c)``, with ``g``'s last layer initialized at zero so
-that the conditional flow starts as the unconditional one.
+* one pass for output and log-det: the log-det computed with ``y`` is cached with its ``(x, y)`` pair (unless the
+  transform's cache is disabled, ``cache_size=0``), so scoring a sample the flow has just produced never calls its
+  network again;
+* family facts as class attributes: :attr:`Flow.fast_direction` (which direction is one parallel pass),
+  :attr:`Flow.inverse_atol`, :attr:`Flow.needs_permutation` (whether stacks interleave permutations, see
+  :func:`~pyro_flows.transforms.stack.build_flows`), :attr:`Flow.traceable` (``torch.jit.trace``) and
+  :attr:`Flow.has_conditional` (whether the family has an amortized variant).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -32,8 +38,6 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
-
-from pyro_flows.nn.mlp import MLP
 
 Direction = Literal["forward", "inverse"]
 EventShape = int | Sequence[int]
@@ -52,15 +56,14 @@ def as_event_shape(event_shape: EventShape) -> torch.Size:
     return shape
 
 
-def check_tensor(
-    x: Tensor, event_shape: torch.Size, dtype: torch.dtype | None, device: torch.device | None, who: str
-) -> None:
-    """Raise a clear error unless ``x`` ends in ``event_shape`` and has the given dtype and device.
+def check_tensor(x: Tensor, event_shape: torch.Size, reference: Tensor | None, who: str) -> None:
+    """Raise a clear error unless ``x`` ends in ``event_shape`` and matches ``reference``'s dtype and device.
 
-    ``dtype``/``device`` ``None`` skip that check (e.g. a permutation has no floating-point state).
+    ``reference`` is a tensor of the flow's state (``None``: no state to match; an integer buffer only fixes the
+    device).
 
     Raises:
-        TypeError: ``x`` is not a floating-point tensor of ``dtype``.
+        TypeError: ``x`` is not a floating-point tensor of the state's dtype.
         ValueError: ``x`` does not end in ``event_shape`` or lives on another device.
 
     """
@@ -74,26 +77,18 @@ def check_tensor(
         )
     if not x.is_floating_point():
         raise TypeError(f"{who} expects a floating-point tensor, got dtype {x.dtype}")
-    if dtype is not None and x.dtype != dtype:
+    if reference is None:
+        return
+    if reference.is_floating_point() and x.dtype != reference.dtype:
         raise TypeError(
-            f"{who} has parameters of dtype {dtype} but got input of dtype {x.dtype}; "
+            f"{who} has parameters of dtype {reference.dtype} but got input of dtype {x.dtype}; "
             f"convert one of them (e.g. flow.to({x.dtype}))"
         )
-    if device is not None and x.device != device:
+    if x.device != reference.device:
         raise ValueError(
-            f"{who} has parameters on device {device} but got input on {x.device}; "
+            f"{who} has parameters on device {reference.device} but got input on {x.device}; "
             f"move one of them (e.g. flow.to({str(x.device)!r}))"
         )
-
-
-def state_dtype_and_device(module: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
-    """The dtype of a module's floating-point state and the device of any of its state (``None`` if stateless)."""
-    dtype = device = None
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        device = tensor.device if device is None else device
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    return dtype, device
 
 
 def expand_log_det(log_det: Tensor, x: Tensor, event_dim: int) -> Tensor:
@@ -122,146 +117,239 @@ def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> torch.Size:
     return torch.Size(out)
 
 
-class FlowMixin:
-    """Validation, one-pass log-det caching and direction bookkeeping shared by all flows.
+def check_size(value: Any, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an ``int`` if it is an integer ``≥ minimum``, else raise a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
 
-    :class:`Flow` (modules) and :class:`ConditionedFlow` use it; a conditional family with its own conditioned
-    transform class (e.g. a MADE-based flow conditioned on a context) mixes it into a plain ``Transform``, sets
-    ``event_shape`` and ``_ld_cache = None``, and implements ``_dtype_and_device``, ``_forward_and_log_det`` and
-    ``_inverse_and_log_det``.
-    """
+
+def check_widths(value: Any, name: str) -> tuple[int, ...]:
+    """Return hidden widths as a tuple of positive ints, or raise a ``ValueError`` naming the argument."""
+    if isinstance(value, int) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a sequence of positive integers (e.g. (64, 64)), got {value!r}")
+    return tuple(check_size(width, f"every entry of {name}") for width in value)
+
+
+class _OnePass:
+    """The cached one-pass ``Transform`` protocol shared by :class:`Flow` and :class:`ConditionedFlow`."""
 
     bijective = True
-    #: Which direction is one parallel pass: ``"forward"`` (sampling) or ``"inverse"`` (density evaluation).
-    fast_direction: ClassVar[Direction] = "forward"
-    #: Absolute accuracy of the inverse (closed-form inverses: float64 round-off).
-    inverse_atol: ClassVar[float] = 1e-6
-
     event_shape: torch.Size
-    _ld_cache: tuple[Tensor, Tensor, Tensor] | None
-    _cached_x_y: tuple[Tensor | None, Tensor | None]
+    fast_direction: Direction
     _cache_size: int
+    _cached_x_y: tuple[Tensor | None, Tensor | None]
 
-    @property
-    def domain(self) -> constraints.Constraint:
-        """Real-valued events of ``event_shape``."""
-        return constraints.independent(constraints.real, len(self.event_shape))
-
-    @property
-    def codomain(self) -> constraints.Constraint:
-        """Real-valued events of ``event_shape``."""
-        return constraints.independent(constraints.real, len(self.event_shape))
-
-    def _dtype_and_device(self) -> tuple[torch.dtype | None, torch.device | None]:
+    def _evaluate(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
-
-    def _check(self, x: Tensor) -> None:
-        check_tensor(x, self.event_shape, *self._dtype_and_device(), type(self).__name__)
-
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} has no inverse")
 
     def _call(self, x: Tensor) -> Tensor:
-        self._check(x)
-        y, log_det = self._forward_and_log_det(x)
-        self.__dict__["_ld_cache"] = (x, y, log_det)
+        y, log_det = self._evaluate(x, inverse=False)
+        if self._cache_size:
+            self.__dict__["_ld_cache"] = (x, y, log_det)
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
-        self._check(y)
-        x, log_det = self._inverse_and_log_det(y)
-        self.__dict__["_ld_cache"] = (x, y, log_det)
+        x, log_det = self._evaluate(y, inverse=True)
+        if self._cache_size:
+            self.__dict__["_ld_cache"] = (x, y, log_det)
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         r"""Return :math:`\log|\det ∂y/∂x|` with the batch shape of ``x``.
 
-        Uses the value computed together with ``y`` (or ``x``) when this pair was produced by the flow itself,
-        otherwise recomputes it along :attr:`fast_direction`.
+        Uses the value computed together with ``y`` (or ``x``) when this pair was produced by the flow itself and
+        the cache is on, otherwise recomputes it along :attr:`fast_direction`.
         """
-        cache = self._ld_cache
+        cache = self.__dict__.get("_ld_cache") if self._cache_size else None
         if cache is not None and cache[0] is x and cache[1] is y:
             return cache[2]
         if self.fast_direction == "inverse":
-            self._check(y)
-            return self._inverse_and_log_det(y)[1]
-        self._check(x)
-        return self._forward_and_log_det(x)[1]
+            return self._evaluate(y, inverse=True)[1]
+        return self._evaluate(x, inverse=False)[1]
 
     def clear_cache(self) -> None:
         """Forget the cached ``(x, y)`` pair and its log-det."""
-        self._ld_cache = None
+        self.__dict__.pop("_ld_cache", None)
         if self._cache_size == 1:
             self._cached_x_y = None, None
 
 
-class Flow(FlowMixin, TransformModule):
-    """Base class of the learnable flows: a Pyro ``TransformModule`` on events of ``event_shape``.
+class Flow(_OnePass, TransformModule):
+    """Base class of every flow family: a Pyro ``TransformModule`` on events of ``event_shape``.
+
+    With ``context_dim > 0`` the flow is conditional: use :meth:`condition` (or wrap it in
+    :class:`ConditionalFlow`); calling it without a context raises a ``ValueError``.
 
     Args:
         event_shape: size of vector events (``int``) or the full event shape, e.g. ``(C, H, W)``.
-        cache_size: Pyro's transform cache (``1`` keeps the last ``(x, y)`` pair so ``log_prob`` of own samples
-            does not invert the flow).
+        context_dim: size of the context vector (0: unconditional).
 
     """
 
-    def __init__(self, event_shape: EventShape, cache_size: int = 1) -> None:
-        super().__init__(cache_size=cache_size)
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    #: Which direction is one parallel pass: ``"forward"`` (sampling) or ``"inverse"`` (density evaluation).
+    fast_direction: ClassVar[Direction] = "forward"
+    #: Absolute accuracy of the inverse (closed-form inverses: round-off).
+    inverse_atol: ClassVar[float] = 1e-6
+    #: Whether consecutive layers of this family need a permutation between them (the layer's dependencies
+    #: follow a fixed coordinate order: autoregressive, coupling, triangular).
+    needs_permutation: ClassVar[bool] = False
+    #: Whether ``torch.jit.trace`` records the flow exactly (no data-dependent control flow).
+    traceable: ClassVar[bool] = True
+    #: Whether the family has an amortized variant (``context_dim > 0``).
+    has_conditional: ClassVar[bool] = True
+
+    def __init__(self, event_shape: EventShape, *, context_dim: int = 0) -> None:
+        super().__init__(cache_size=1)
         self.event_shape = as_event_shape(event_shape)
-        self._ld_cache = None
+        self.context_dim = check_size(context_dim, "context_dim", minimum=0)
+        if self.context_dim and not self.has_conditional:
+            raise ValueError(f"{type(self).__name__} has no conditional variant (got context_dim={context_dim})")
 
     @property
     def dim(self) -> int:
         """Number of scalar dimensions of one event."""
         return math.prod(self.event_shape)
 
-    def _dtype_and_device(self) -> tuple[torch.dtype | None, torch.device | None]:
-        cached = self.__dict__.get("_state_dtype_device")
-        if cached is None:
-            cached = self.__dict__["_state_dtype_device"] = state_dtype_and_device(self)
-        return cached
+    @property
+    def sign(self) -> int:
+        """Not defined for general flows (only element-wise monotone maps have a sign)."""
+        raise AttributeError(f"{type(self).__name__} is not an element-wise map and has no sign")
 
-    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Flow:
-        self.__dict__.pop("_state_dtype_device", None)
-        return super()._apply(fn, *args, **kwargs)
+    def reference_tensor(self) -> Tensor | None:
+        """A tensor of the flow's state that fixes its dtype and device (``None`` for a stateless flow).
+
+        The first floating-point parameter or buffer (else the first buffer); the module that owns it is found
+        once and kept, so ``.to()``, ``.double()`` and ``load_state_dict(..., assign=True)`` are followed.
+        """
+        where = self.__dict__.get("_reference")
+        if where is None:
+            named = [*self.named_parameters(), *self.named_buffers()]
+            named.sort(key=lambda item: not item[1].is_floating_point())
+            if not named:
+                return None
+            path, _, leaf = named[0][0].rpartition(".")
+            owner = self.get_submodule(path) if path else self
+            where = self.__dict__["_reference"] = (owner, leaf)
+        owner, leaf = where
+        tensor = owner._parameters.get(leaf)
+        return owner._buffers.get(leaf) if tensor is None else tensor
+
+    def check_context(self, context: Tensor) -> None:
+        """Raise a clear error unless ``context`` is ``(..., context_dim)`` of the flow's dtype and device.
+
+        Raises:
+            ValueError: the flow is unconditional, or the context has the wrong size or device.
+            TypeError: the context has the wrong dtype.
+
+        """
+        if not self.context_dim:
+            raise ValueError(f"{type(self).__name__} is unconditional (context_dim=0) but a context was given")
+        check_tensor(context, torch.Size([self.context_dim]), self.reference_tensor(), f"{type(self).__name__} context")
+        if not bool(torch.isfinite(context).all()):
+            raise ValueError(f"{type(self).__name__} got a context with non-finite values (NaN or ±inf)")
+
+    def condition(self, context: Tensor) -> ConditionedFlow:
+        """Return the flow at ``context`` of shape ``(..., context_dim)`` (its batch dims broadcast with events).
+
+        The returned transform reads the live parameters at every call, so it can be reused across optimizer
+        steps.
+        """
+        self.check_context(context)
+        return ConditionedFlow(self, context)
+
+    def _evaluate(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        if self.context_dim:
+            raise ValueError(
+                f"{type(self).__name__} is conditional (context_dim={self.context_dim}): use flow.condition(context)"
+            )
+        check_tensor(v, self.event_shape, self.reference_tensor(), type(self).__name__)
+        return (self._inverse_and_log_det if inverse else self._forward_and_log_det)(v, None)
+
+    def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _inverse_and_log_det(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no inverse")
 
     def with_cache(self, cache_size: int = 1) -> Flow:
-        """Set Pyro's transform cache size in place (modules are not copied, so parameters stay shared)."""
+        """Set the transform cache size in place (``0`` disables both caches; modules are not copied)."""
         if cache_size not in (0, 1):
-            raise ValueError("cache_size must be 0 or 1")
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        self.clear_cache()
         self._cache_size = cache_size
         self._cached_x_y = None, None
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_ld_cache", None)
+        state.pop("_reference", None)
+        state["_cached_x_y"] = None, None
+        return state
+
     def extra_repr(self) -> str:
-        """Show the event shape in ``repr``."""
-        return f"event_shape={tuple(self.event_shape)}"
+        """Show the event shape (and the context size of a conditional flow) in ``repr``."""
+        context = f", context_dim={self.context_dim}" if self.context_dim else ""
+        return f"event_shape={tuple(self.event_shape)}{context}"
 
 
 class ParametricFlow(Flow):
-    """A flow whose map is a closed-form function of named raw (unconstrained) parameter tensors.
+    r"""A flow whose map is a closed-form function of named raw (unconstrained) parameter tensors.
 
     Subclasses register their raw parameters with :meth:`add_raw_param` and implement ``_forward_with(params, x)``
     and ``_inverse_with(params, y)``, where ``params`` maps names to tensors of shape ``batch + shape``: no batch
-    dimensions for the module's own parameters, the context's batch dimensions when produced by
-    :class:`HyperConditionalFlow`. Any raw values give an invertible map (constraints are applied inside).
+    dimensions for the module's own parameters, the context's batch dimensions for a conditional flow. Any raw
+    values give an invertible map (constraints are applied inside).
+
+    Amortization: with ``context_dim > 0`` a hypernetwork :math:`g` (an ELU MLP of widths
+    ``context_hidden_dims`` and one zero-initialized linear head per amortized parameter) gives
+    :math:`\theta(c) = \theta_0 + g(c)`, one batched forward for the whole batch of contexts — the amortized
+    setting of the planar / Sylvester / Householder VAE papers, where the encoder emits the flow parameters.
+
+    Args:
+        event_shape: the event shape.
+        context_dim: size of the context vector (0: unconditional).
+        context_hidden_dims: hidden widths of the hypernetwork :math:`g` (only with ``context_dim > 0``).
+
     """
 
-    def __init__(self, event_shape: EventShape, cache_size: int = 1) -> None:
-        super().__init__(event_shape, cache_size=cache_size)
+    def __init__(
+        self, event_shape: EventShape, *, context_dim: int = 0, context_hidden_dims: Sequence[int] = (64,)
+    ) -> None:
+        super().__init__(event_shape, context_dim=context_dim)
+        widths = check_widths(context_hidden_dims, "context_hidden_dims")
         self.param_shapes: dict[str, torch.Size] = {}
+        if self.context_dim:
+            layers: list[nn.Module] = []
+            for a, b in itertools.pairwise([self.context_dim, *widths]):
+                layers += [nn.Linear(a, b), nn.ELU()]
+            self.context_net = nn.Sequential(*layers)
+            self.context_heads = nn.ModuleDict()
+            self._head_width = widths[-1] if widths else self.context_dim
 
-    def add_raw_param(self, name: str, init: Tensor) -> None:
-        """Register ``init`` as the learnable raw parameter ``name``."""
+    def add_raw_param(self, name: str, init: Tensor, amortized: bool = True) -> None:
+        """Register ``init`` as the learnable raw parameter ``name`` (``amortized``: offset by the context)."""
         self.register_parameter(name, nn.Parameter(init))
         self.param_shapes[name] = init.shape
+        if self.context_dim and amortized and init.numel():
+            head = nn.Linear(self._head_width, init.numel())
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            self.context_heads[name] = head
 
-    def raw_params(self) -> dict[str, Tensor]:
-        """The module's raw parameters by name."""
-        return {name: getattr(self, name) for name in self.param_shapes}
+    def raw_params(self, context: Tensor | None = None) -> dict[str, Tensor]:
+        r"""The raw parameters by name: the module's own, or :math:`\theta_0 + g(c)` for a context ``c``."""
+        params = {name: getattr(self, name) for name in self.param_shapes}
+        if context is None:
+            return params
+        h = self.context_net(context)
+        batch = context.shape[:-1]
+        for name, head in self.context_heads.items():
+            params[name] = params[name] + head(h).reshape(batch + self.param_shapes[name])
+        return params
 
     def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -269,127 +357,89 @@ class ParametricFlow(Flow):
     def _inverse_with(self, params: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no inverse")
 
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._forward_with(self.raw_params(), x)
+    def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._forward_with(self.raw_params(context), x)
 
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._inverse_with(self.raw_params(), y)
+    def _inverse_and_log_det(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._inverse_with(self.raw_params(context), y)
 
 
-class ConditionedFlow(FlowMixin, Transform):
-    """A :class:`ParametricFlow`'s map evaluated at given (batched) raw parameters, e.g. from a context.
+class ConditionedFlow(_OnePass, Transform):
+    """A conditional :class:`Flow` at a fixed (batched) context: a plain ``Transform``, returned by ``condition``.
 
-    Returned by :meth:`HyperConditionalFlow.condition`; it is a plain ``Transform`` (its parameters are
-    functions of the context and of the conditional module's weights).
+    Every call evaluates the flow with its current parameters (nothing is frozen at ``condition`` time).
 
     Args:
-        template: the flow whose map is used (its buffers, e.g. fixed permutations, are used as they are).
-        params: raw parameters by name, each of shape ``batch + template.param_shapes[name]``.
+        flow: the conditional flow.
+        context: ``(..., context_dim)``; its batch dims broadcast with those of the events.
 
     """
 
-    def __init__(self, template: ParametricFlow, params: Mapping[str, Tensor], cache_size: int = 1) -> None:
-        super().__init__(cache_size=cache_size)
-        self.template = template
-        self.params = dict(params)
-        self.event_shape = template.event_shape
-        self.fast_direction = template.fast_direction
-        self.inverse_atol = template.inverse_atol
-        self._ld_cache = None
+    def __init__(self, flow: Flow, context: Tensor) -> None:
+        super().__init__(cache_size=1)
+        self.flow = flow
+        self.context = context
+        self.event_shape = flow.event_shape
+        self.fast_direction = flow.fast_direction
+        self.inverse_atol = flow.inverse_atol
+        self.domain = flow.domain
+        self.codomain = flow.codomain
 
-    def _dtype_and_device(self) -> tuple[torch.dtype | None, torch.device | None]:
-        reference = next(iter(self.params.values()), None)
-        if reference is None:
-            return state_dtype_and_device(self.template)
-        return reference.dtype, reference.device
-
-    def _check(self, x: Tensor) -> None:
-        name = f"{type(self.template).__name__} (conditioned)"
-        check_tensor(x, self.event_shape, *self._dtype_and_device(), name)
-
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.template._forward_with(self.params, x)
-
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.template._inverse_with(self.params, y)
+    def _evaluate(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        flow = self.flow
+        name = f"{type(flow).__name__} (conditioned)"
+        check_tensor(v, self.event_shape, flow.reference_tensor(), name)
+        n = len(self.event_shape)
+        try:
+            broadcast_shape(v.shape[: v.dim() - n], self.context.shape[:-1])
+        except ValueError:
+            raise ValueError(
+                f"{name}: the batch shape {tuple(v.shape[: v.dim() - n])} of the input does not broadcast with the "
+                f"context's batch shape {tuple(self.context.shape[:-1])}"
+            ) from None
+        return (flow._inverse_and_log_det if inverse else flow._forward_and_log_det)(v, self.context)
 
     def __repr__(self) -> str:
-        return f"ConditionedFlow({type(self.template).__name__})"
+        return f"ConditionedFlow({type(self.flow).__name__})"
 
 
 class ConditionalFlow(ConditionalTransformModule):
-    """Base class of conditional flows: ``condition(context)`` returns a flow on events of ``event_shape``.
+    """A conditional flow as a Pyro ``ConditionalTransformModule``: ``condition(context)`` gives a transform.
+
+    A thin wrapper around one :class:`Flow` built with ``context_dim > 0`` (this is what
+    :data:`~pyro_flows.transforms.registry.conditional_registry` returns); family facts are read from it.
 
     Args:
-        event_shape: the event shape of the conditioned flows.
-        context_dim: size of the context vector (the last dimension of ``context``).
+        flow: a :class:`Flow` with ``context_dim > 0``.
 
     """
 
-    def __init__(self, event_shape: EventShape, context_dim: int) -> None:
+    def __init__(self, flow: Flow) -> None:
         super().__init__()
-        if context_dim < 1:
-            raise ValueError(f"context_dim must be a positive integer, got {context_dim}")
-        self.event_shape = as_event_shape(event_shape)
-        self.context_dim = int(context_dim)
+        if not isinstance(flow, Flow) or not flow.context_dim:
+            raise ValueError(f"ConditionalFlow needs a Flow with context_dim > 0, got {flow!r}")
+        self.flow = flow
+
+    @property
+    def event_shape(self) -> torch.Size:
+        """The event shape of the conditioned flows."""
+        return self.flow.event_shape
+
+    @property
+    def context_dim(self) -> int:
+        """Size of the context vector."""
+        return self.flow.context_dim
+
+    @property
+    def fast_direction(self) -> Direction:
+        """The one-pass direction of the conditioned flows."""
+        return self.flow.fast_direction
 
     @property
     def dim(self) -> int:
         """Number of scalar dimensions of one event."""
-        return math.prod(self.event_shape)
-
-    def check_context(self, context: Tensor) -> None:
-        """Raise a clear error unless ``context`` is ``(..., context_dim)`` of the module's dtype and device."""
-        name = f"{type(self).__name__} context"
-        check_tensor(context, torch.Size([self.context_dim]), *state_dtype_and_device(self), name)
-
-    def condition(self, context: Tensor) -> Transform:
-        """Return the flow for ``context`` of shape ``(..., context_dim)``."""
-        raise NotImplementedError
-
-    def extra_repr(self) -> str:
-        """Show the event shape and context size in ``repr``."""
-        return f"event_shape={tuple(self.event_shape)}, context_dim={self.context_dim}"
-
-
-class HyperConditionalFlow(ConditionalFlow):
-    """Amortize a :class:`ParametricFlow`: its raw parameters become ``θ(c) = θ₀ + g(c)``.
-
-    ``g`` is an MLP from the context to all raw parameters at once (one batched forward for the whole batch of
-    contexts); its last layer starts at zero, so before training every context gives the unconditional flow
-    ``θ₀`` (at or near the identity). This is the amortized setting of the planar/Sylvester/Householder VAE papers,
-    where the encoder emits the flow parameters.
-
-    Args:
-        template: the unconditional flow whose parameters ``θ₀`` are the context-independent part.
-        context_dim: size of the context vector.
-        hidden_dims: hidden widths of ``g``.
-        activation: activation module class of ``g``.
-
-    """
-
-    def __init__(
-        self,
-        template: ParametricFlow,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (64,),
-        activation: Callable[[], nn.Module] = nn.ELU,
-    ) -> None:
-        super().__init__(template.event_shape, context_dim)
-        self.template = template
-        sizes = [math.prod(s) for s in template.param_shapes.values()]
-        self.hypernet = MLP(context_dim, sum(sizes), hidden_dims, activation=activation, zero_last=True)
-        self._sizes = sizes
+        return self.flow.dim
 
     def condition(self, context: Tensor) -> ConditionedFlow:
-        """Return the template's map at parameters ``θ₀ + g(context)``; context batch dims become param batch dims."""
-        self.check_context(context)
-        batch = context.shape[:-1]
-        deltas = self.hypernet(context).split(self._sizes, dim=-1)
-        params = {
-            name: base + delta.reshape(batch + shape)
-            for (name, base), shape, delta in zip(
-                self.template.raw_params().items(), self.template.param_shapes.values(), deltas, strict=True
-            )
-        }
-        return ConditionedFlow(self.template, params)
+        """Return the flow for ``context`` of shape ``(..., context_dim)``."""
+        return self.flow.condition(context)

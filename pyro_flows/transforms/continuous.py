@@ -45,12 +45,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Transform
 
-from pyro_flows.transforms.base import ConditionalFlow, Flow, FlowMixin, state_dtype_and_device
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.base import Flow, check_size
+from pyro_flows.transforms.registry import registry
 
-__all__ = ["FFJORD", "ConditionalFFJORD", "ODENet"]
+__all__ = ["FFJORD", "ODENet"]
 
 TraceMode = Literal["auto", "exact", "hutchinson"]
 NoiseKind = Literal["rademacher", "gaussian"]
@@ -155,34 +154,62 @@ class _Dynamics(nn.Module):
         return self.net.dynamics(state[0], t, self.context, self.noise)
 
 
-class _FFJORDCore:
-    """Solver settings and the ODE solve shared by :class:`FFJORD` and conditioned :class:`ConditionalFFJORD`."""
+@registry.register("ffjord")
+class FFJORD(Flow):
+    r"""Continuous normalizing flow :math:`y = z(T)`, :math:`\dot z = f(z, t)`, :math:`z(0) = x` (FFJORD).
 
-    net: ODENet
-    dim: int
-    time: float
-    trace_mode: Literal["exact", "hutchinson"]
-    noise: NoiseKind
-    method: str
-    steps: int
-    rtol: float | None
-    atol: float | None
-    options: dict[str, Any]
-    adjoint: bool
-    last_nfe: int
+    * log-det: :math:`\int_0^T \operatorname{tr} \partial f/\partial z\, dt` (exact trace or Hutchinson; see the
+      module docs), solved with the state.
+    * inverse: the same ODE integrated from :math:`T` to 0 (same cost as the forward); accurate to the solver
+      discretization: ``inverse_atol`` = 1e-5 is the accuracy stated for the defaults (RK4, 10 steps) on
+      moderate dynamics (the conformance suite measures ~5e-9 in float64) and for ``dopri5`` at 1e-8.
 
-    def _setup(
+    Args:
+        dim: event size D.
+        hidden_dims: hidden widths of the ``tanh`` MLP :math:`f(z, t)` (:class:`ODENet`).
+        time: integration time :math:`T`.
+        trace: ``"auto"`` (exact iff ``dim ≤ 16``), ``"exact"`` or ``"hutchinson"``.
+        noise: Hutchinson probes, ``"rademacher"`` (lower variance) or ``"gaussian"``.
+        method: a :func:`torchdiffeq.odeint` method (``"rk4"``, ``"dopri5"``, ``"euler"``, …).
+        steps: number of steps of a fixed-grid method (step size ``time / steps``).
+        rtol: relative tolerance of adaptive methods (``None``: 1e-8 in float64, 1e-5 in float32).
+        atol: absolute tolerance of adaptive methods (same defaults).
+        options: solver options passed to ``odeint`` (e.g. ``{"step_size": 0.05}``).
+        adjoint: backpropagate with the adjoint method (O(1) memory).
+        context_dim: context size of the amortized variant (0: unconditional): :math:`\dot z = f(z, t, c)`, the
+            context entering the dynamics' input.
+
+    Attributes:
+        last_nfe: function evaluations of the last forward/inverse solve (not counting the adjoint's).
+
+    Example:
+        >>> import torch
+        >>> flow = FFJORD(2).double()
+        >>> x = torch.randn(3, 2, dtype=torch.float64)
+        >>> torch.allclose(flow(x), x)
+        True
+
+    """
+
+    inverse_atol = 1e-5
+    traceable = False  # the solver's step control is data dependent
+
+    def __init__(
         self,
-        time: float,
-        trace: TraceMode,
-        noise: NoiseKind,
-        method: str,
-        rtol: float | None,
-        atol: float | None,
-        options: Mapping[str, Any] | None,
-        adjoint: bool,
-        steps: int,
+        dim: int,
+        hidden_dims: Sequence[int] = (32, 32),
+        time: float = 1.0,
+        trace: TraceMode = "auto",
+        noise: NoiseKind = "rademacher",
+        method: str = "rk4",
+        steps: int = 10,
+        rtol: float | None = None,
+        atol: float | None = None,
+        options: Mapping[str, Any] | None = None,
+        adjoint: bool = True,
+        context_dim: int = 0,
     ) -> None:
+        super().__init__(dim, context_dim=context_dim)
         require_torchdiffeq()
         if trace not in ("auto", "exact", "hutchinson"):
             raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
@@ -193,15 +220,20 @@ class _FFJORDCore:
         self.time = float(time)
         self.trace_mode = ("exact" if self.dim <= EXACT_MAX_DIM else "hutchinson") if trace == "auto" else trace
         self.noise = noise
-        if steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps}")
         self.method = method
-        self.steps = int(steps)
+        self.steps = check_size(steps, "steps")
         self.rtol = rtol
         self.atol = atol
         self.options = dict(options or {})
         self.adjoint = bool(adjoint)
         self.last_nfe = 0
+        self.net = ODENet(dim, hidden_dims, self.context_dim)
+
+    def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._solve(x, context, reverse=False)
+
+    def _inverse_and_log_det(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._solve(y, context, reverse=True)
 
     def _tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
         default = DEFAULT_TOLERANCE.get(dtype, 1e-3)
@@ -243,135 +275,6 @@ class _FFJORDCore:
         log_det = -ls[-1] if reverse else ls[-1]
         return zs[-1].reshape(*batch, self.dim), log_det.reshape(batch)
 
-
-@registry.register("ffjord")
-class FFJORD(_FFJORDCore, Flow):
-    r"""Continuous normalizing flow :math:`y = z(T)`, :math:`\dot z = f(z, t)`, :math:`z(0) = x` (FFJORD).
-
-    * log-det: :math:`\int_0^T \operatorname{tr} \partial f/\partial z\, dt` (exact trace or Hutchinson; see the
-      module docs), solved with the state.
-    * inverse: the same ODE integrated from :math:`T` to 0 (same cost as the forward); accurate to the solver
-      discretization: ``inverse_atol`` = 1e-5 is the accuracy stated for the defaults (RK4, 10 steps) on
-      moderate dynamics (the conformance suite measures ~5e-9 in float64) and for ``dopri5`` at 1e-8.
-
-    Args:
-        dim: event size D.
-        hidden_dims: hidden widths of the ``tanh`` MLP :math:`f(z, t)` (:class:`ODENet`).
-        time: integration time :math:`T`.
-        trace: ``"auto"`` (exact iff ``dim ≤ 16``), ``"exact"`` or ``"hutchinson"``.
-        noise: Hutchinson probes, ``"rademacher"`` (lower variance) or ``"gaussian"``.
-        method: a :func:`torchdiffeq.odeint` method (``"rk4"``, ``"dopri5"``, ``"euler"``, …).
-        steps: number of steps of a fixed-grid method (step size ``time / steps``).
-        rtol: relative tolerance of adaptive methods (``None``: 1e-8 in float64, 1e-5 in float32).
-        atol: absolute tolerance of adaptive methods (same defaults).
-        options: solver options passed to ``odeint`` (e.g. ``{"step_size": 0.05}``).
-        adjoint: backpropagate with the adjoint method (O(1) memory).
-
-    Attributes:
-        last_nfe: function evaluations of the last forward/inverse solve (not counting the adjoint's).
-
-    Example:
-        >>> import torch
-        >>> flow = FFJORD(2).double()
-        >>> x = torch.randn(3, 2, dtype=torch.float64)
-        >>> torch.allclose(flow(x), x)
-        True
-
-    """
-
-    fast_direction = "forward"
-    inverse_atol = 1e-5
-
-    def __init__(
-        self,
-        dim: int,
-        hidden_dims: Sequence[int] = (32, 32),
-        time: float = 1.0,
-        trace: TraceMode = "auto",
-        noise: NoiseKind = "rademacher",
-        method: str = "rk4",
-        steps: int = 10,
-        rtol: float | None = None,
-        atol: float | None = None,
-        options: Mapping[str, Any] | None = None,
-        adjoint: bool = True,
-    ) -> None:
-        super().__init__(dim)
-        self._setup(time, trace, noise, method, rtol, atol, options, adjoint, steps)
-        self.net = ODENet(dim, hidden_dims)
-
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._solve(x, None, reverse=False)
-
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._solve(y, None, reverse=True)
-
     def extra_repr(self) -> str:
         """Show the event shape, trace mode and solver."""
         return f"{super().extra_repr()}, trace={self.trace_mode!r}, method={self.method!r}, adjoint={self.adjoint}"
-
-
-class ConditionedFFJORD(FlowMixin, Transform):
-    """:class:`ConditionalFFJORD` at a given (batched) context; returned by ``condition``."""
-
-    def __init__(self, module: ConditionalFFJORD, context: Tensor, cache_size: int = 1) -> None:
-        super().__init__(cache_size=cache_size)
-        self.module = module
-        self.context = context
-        self.event_shape = module.event_shape
-        self.inverse_atol = module.inverse_atol
-        self._ld_cache = None
-
-    def _dtype_and_device(self) -> tuple[torch.dtype | None, torch.device | None]:
-        return state_dtype_and_device(self.module)
-
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.module._solve(x, self.context, reverse=False)
-
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.module._solve(y, self.context, reverse=True)
-
-    def __repr__(self) -> str:
-        return "ConditionedFFJORD()"
-
-
-@conditional_registry.register("ffjord")
-class ConditionalFFJORD(_FFJORDCore, ConditionalFlow):
-    r"""Conditional continuous flow: :math:`\dot z = f(z, t, c)`, the context entering the dynamics' input.
-
-    Same log-det, inverse, solver and gradient options as :class:`FFJORD`; ``condition(c)`` returns the time-:math:`T`
-    map for a (batched) context, and ``last_nfe`` is recorded on this module.
-
-    Example:
-        >>> import torch
-        >>> flow = ConditionalFFJORD(2, context_dim=3)
-        >>> flow.condition(torch.randn(4, 3))(torch.randn(4, 2)).shape
-        torch.Size([4, 2])
-
-    """
-
-    inverse_atol = 1e-5
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (32, 32),
-        time: float = 1.0,
-        trace: TraceMode = "auto",
-        noise: NoiseKind = "rademacher",
-        method: str = "rk4",
-        steps: int = 10,
-        rtol: float | None = None,
-        atol: float | None = None,
-        options: Mapping[str, Any] | None = None,
-        adjoint: bool = True,
-    ) -> None:
-        super().__init__(dim, context_dim)
-        self._setup(time, trace, noise, method, rtol, atol, options, adjoint, steps)
-        self.net = ODENet(dim, hidden_dims, context_dim)
-
-    def condition(self, context: Tensor) -> ConditionedFFJORD:
-        """Return the flow for ``context`` of shape ``(..., context_dim)``."""
-        self.check_context(context)
-        return ConditionedFFJORD(self, context)

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributions import constraints
 
 from pyro_flows.transforms._utils import RAW_ONE, positive
 from pyro_flows.transforms.base import Flow, ParametricFlow, as_event_shape, check_tensor, expand_log_det
@@ -27,6 +28,7 @@ from pyro_flows.transforms.registry import image_registry
 __all__ = ["EmergingConv2d", "InvertibleConv1x1", "Squeeze"]
 
 IMAGE_EVENT_DIM = 3
+_IMAGES = constraints.independent(constraints.real, IMAGE_EVENT_DIM)
 
 
 def image_event_shape(event_shape: Sequence[int]) -> torch.Size:
@@ -62,8 +64,7 @@ class InvertibleConv1x1(ParametricFlow):
     * inverse (closed form): the 1×1 convolution with :math:`W^{-1} = U^{-1} L^{-1} P^\top`, formed by two
       C×C triangular solves per call, then O(C²) per pixel.
 
-    Starts at the channel permutation :math:`P`. Its raw parameters may carry batch dimensions, so
-    :class:`~pyro_flows.transforms.base.HyperConditionalFlow` can amortize it (one matrix per context).
+    Starts at the channel permutation :math:`P`.
 
     Reference: D. P. Kingma & P. Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018.
 
@@ -80,6 +81,9 @@ class InvertibleConv1x1(ParametricFlow):
         True
 
     """
+
+    domain = codomain = _IMAGES
+    has_conditional = False
 
     def __init__(
         self,
@@ -184,6 +188,9 @@ class EmergingConv2d(ParametricFlow):
 
     """
 
+    domain = codomain = _IMAGES
+    has_conditional = False
+
     def __init__(self, event_shape: Sequence[int], kernel_size: int = 3, bias: bool = True) -> None:
         shape = image_event_shape(event_shape)
         super().__init__(shape)
@@ -213,8 +220,6 @@ class EmergingConv2d(ParametricFlow):
     def masked_kernels(self, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The effective kernels :math:`K_1, K_2` (masks and positive centre diagonals applied) and diagonals."""
         params = self.raw_params() if params is None else params
-        if params["kernel1"].dim() != 4:
-            raise ValueError("EmergingConv2d does not support batched (amortized) parameters")
         kernel1, diag1 = self._kernel(params["kernel1"], params["raw_diag1"], self.causal_mask)
         kernel2, diag2 = self._kernel(params["kernel2"], params["raw_diag2"], self.anti_causal_mask)
         return kernel1, kernel2, diag1, diag2
@@ -296,6 +301,9 @@ class Squeeze(Flow):
 
     """
 
+    domain = codomain = _IMAGES
+    has_conditional = False
+
     def __init__(self, event_shape: Sequence[int], factor: int = 2) -> None:
         shape = image_event_shape(event_shape)
         super().__init__(shape)
@@ -306,11 +314,6 @@ class Squeeze(Flow):
             )
         self.factor = factor
         self.output_shape = torch.Size((channels * factor * factor, height // factor, width // factor))
-
-    @property
-    def codomain(self) -> torch.distributions.constraints.Constraint:
-        """Real-valued events of :attr:`output_shape`."""
-        return torch.distributions.constraints.independent(torch.distributions.constraints.real, IMAGE_EVENT_DIM)
 
     def _check_shape(self, shape: Sequence[int], expected: torch.Size, what: str) -> None:
         if len(shape) < IMAGE_EVENT_DIM or torch.Size(shape[-IMAGE_EVENT_DIM:]) != expected:
@@ -326,13 +329,14 @@ class Squeeze(Flow):
         self._check_shape(shape, self.output_shape, "output shapes")
         return torch.Size(shape[:-IMAGE_EVENT_DIM]) + self.event_shape
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        check_tensor(y, self.output_shape, None, None, "Squeeze (inverse)")
-        x, log_det = self._inverse_and_log_det(y)
-        self._ld_cache = (x, y, log_det)
-        return x
+    def _evaluate(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        if inverse:
+            check_tensor(v, self.output_shape, None, "Squeeze (inverse)")
+            return self._inverse_and_log_det(v, None)
+        check_tensor(v, self.event_shape, None, "Squeeze")
+        return self._forward_and_log_det(v, None)
 
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         f = self.factor
         channels, height, width = self.event_shape
         batch = x.shape[:-IMAGE_EVENT_DIM]
@@ -342,7 +346,7 @@ class Squeeze(Flow):
         y = blocks.permute(order).reshape(*batch, *self.output_shape)
         return y, x.new_zeros(batch)
 
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _inverse_and_log_det(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         f = self.factor
         channels, height, width = self.event_shape
         batch = y.shape[:-IMAGE_EVENT_DIM]

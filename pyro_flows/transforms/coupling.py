@@ -2,10 +2,11 @@ r"""Coupling flows: RealNVP affine coupling and rational-quadratic spline coupli
 
 The coordinates are split by a fixed mask into a conditioning set :math:`A` (passed through unchanged) and a
 transformed set :math:`B`: :math:`y_A = x_A`, :math:`y_B = \tau(x_B; \theta(x_A))`, with :math:`\theta` from a
-:class:`~pyro_flows.nn.ResidualNet` (which also reads the context in the conditional variants). The Jacobian is
-block triangular, so :math:`\log|\det J| = \sum_{i \in B} \log \tau'(x_i)`. Both directions are one network pass:
-:math:`x_B = \tau^{-1}(y_B; \theta(y_A))`. Alternate the mask (``"even"``/``"odd"``) between stacked layers so that
-every coordinate gets transformed.
+:class:`~pyro_flows.nn.ResidualNet` (which also reads the context of the conditional variants, ``context_dim > 0``).
+The Jacobian is block triangular, so :math:`\log|\det J| = \sum_{i \in B} \log \tau'(x_i)`. Both directions are one
+network pass: :math:`x_B = \tau^{-1}(y_B; \theta(y_A))`. The default ``"half"`` mask transforms the last
+:math:`\lceil D/2 \rceil` coordinates; stacks interleave reversals
+(:attr:`~pyro_flows.transforms.base.Flow.needs_permutation`), so any two consecutive layers transform every coordinate.
 """
 
 from __future__ import annotations
@@ -17,48 +18,43 @@ import torch
 from torch import Tensor
 
 from pyro_flows.nn.resnet import ResidualNet
-from pyro_flows.transforms._network_flows import (
-    AffineMap,
-    ElementwiseMap,
-    NetworkConditionalFlow,
-    NetworkCore,
-    NetworkFlow,
-    SplineMap,
-)
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms._network_flows import AffineMap, ElementwiseMap, SplineMap
+from pyro_flows.transforms.base import Flow
+from pyro_flows.transforms.registry import registry
 
 __all__ = [
     "AffineCoupling",
-    "ConditionalAffineCoupling",
-    "ConditionalSplineCoupling",
     "SplineCoupling",
     "coupling_mask",
 ]
 
-Mask = Literal["even", "odd"] | Sequence[bool] | Tensor
+Mask = Literal["half", "even", "odd"] | Sequence[bool] | Tensor
 
 #: Default soft bound of the coupling log-scales.
 LOG_SCALE_BOUND = 3.0
 
 
-def coupling_mask(dim: int, mask: Mask = "even") -> Tensor:
-    """Boolean mask of the conditioning (pass-through) coordinates.
+def coupling_mask(dim: int, mask: Mask = "half") -> Tensor:
+    r"""Boolean mask of the conditioning (pass-through) coordinates.
 
-    ``"even"``: coordinates 0, 2, 4, ... condition the others; ``"odd"``: 1, 3, 5, ...; or an explicit boolean
-    sequence of length ``dim`` (True = conditioning).
+    ``"half"``: the first :math:`\lfloor D/2 \rfloor` coordinates condition the others; ``"even"``: coordinates
+    0, 2, 4, ...; ``"odd"``: 1, 3, 5, ...; or an explicit boolean sequence of length ``dim`` (True = conditioning).
 
     Raises:
         ValueError: if either set would be empty or the mask has the wrong length.
 
-    Example:
+    Examples:
+        >>> coupling_mask(5).tolist()
+        [True, True, False, False, False]
         >>> coupling_mask(5, "odd").tolist()
         [False, True, False, True, False]
 
     """
     if isinstance(mask, str):
-        if mask not in ("even", "odd"):
-            raise ValueError(f"mask must be 'even', 'odd' or a boolean sequence, got {mask!r}")
-        result = torch.arange(dim) % 2 == (0 if mask == "even" else 1)
+        if mask not in ("half", "even", "odd"):
+            raise ValueError(f"mask must be 'half', 'even', 'odd' or a boolean sequence, got {mask!r}")
+        index = torch.arange(dim)
+        result = index < dim // 2 if mask == "half" else index % 2 == (0 if mask == "even" else 1)
     else:
         result = torch.as_tensor(mask, dtype=torch.bool).flatten()
         if result.numel() != dim:
@@ -68,20 +64,20 @@ def coupling_mask(dim: int, mask: Mask = "even") -> Tensor:
     return result
 
 
-class CouplingCore(NetworkCore):
+class _Coupling(Flow):
     """Split by a mask, transform the second part with parameters from the first (both directions one pass).
 
     Args:
-        dim: event size D.
+        dim: event size D (≥ 2).
         elementwise: the element-wise bijection family.
         mask: conditioning coordinates, see :func:`coupling_mask`.
         hidden_dims: hidden widths of the conditioner.
-        context_dim: context size (0: unconditional).
         residual: residual conditioner (equal hidden widths).
+        context_dim: context size (0: unconditional).
 
     """
 
-    fast_direction = "forward"
+    needs_permutation = True
 
     def __init__(
         self,
@@ -89,10 +85,10 @@ class CouplingCore(NetworkCore):
         elementwise: ElementwiseMap,
         mask: Mask,
         hidden_dims: Sequence[int],
-        context_dim: int,
         residual: bool,
+        context_dim: int,
     ) -> None:
-        super().__init__()
+        super().__init__(dim, context_dim=context_dim)
         keep = coupling_mask(dim, mask)
         conditioning = torch.nonzero(keep).flatten()
         transformed = torch.nonzero(~keep).flatten()
@@ -110,10 +106,6 @@ class CouplingCore(NetworkCore):
             zero_last=True,
         )
 
-    def reference_tensor(self) -> Tensor:
-        """The conditioner's output bias (dtype and device of the whole module)."""
-        return self.net.output.bias
-
     def _couple(self, v: Tensor, context: Tensor | None, invert: bool) -> tuple[Tensor, Tensor]:
         fixed = v[..., self.conditioning]
         params = self.net(fixed, context).unflatten(-1, (self.elementwise.num_params, self.num_transformed))
@@ -122,17 +114,15 @@ class CouplingCore(NetworkCore):
         fixed = fixed.expand(*moved.shape[:-1], fixed.shape[-1])
         return torch.cat([fixed, moved], dim=-1)[..., self.restore], log_det
 
-    def forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(y, log|det ∂y/∂x|)``, one network pass."""
+    def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         return self._couple(x, context, invert=False)
 
-    def inverse(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(x, log|det ∂y/∂x|)``, one network pass."""
+    def _inverse_and_log_det(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         return self._couple(y, context, invert=True)
 
 
 @registry.register("affine_coupling")
-class AffineCoupling(NetworkFlow):
+class AffineCoupling(_Coupling):
     r"""RealNVP affine coupling (Dinh et al. 2017) with a soft-clamped log-scale.
 
     :math:`y_A = x_A`, :math:`y_B = x_B \odot e^{s} + t`, :math:`(t, \tilde s) = \mathrm{NN}(x_A)`,
@@ -146,12 +136,12 @@ class AffineCoupling(NetworkFlow):
     Args:
         dim: event size D (≥ 2).
         hidden_dims: hidden widths of the conditioner network.
-        mask: ``"even"`` (default), ``"odd"`` or a boolean sequence: the pass-through coordinates. Alternate
-            ``"even"``/``"odd"`` when stacking.
+        mask: ``"half"`` (default), ``"even"``, ``"odd"`` or a boolean sequence: the pass-through coordinates.
         log_scale_bound: soft bound :math:`B` of the log-scale.
         residual: residual conditioner (skip connections between equal hidden layers).
+        context_dim: context size of the amortized variant (0: unconditional); the conditioner reads it.
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = AffineCoupling(4, hidden_dims=(16, 16))
         >>> x = torch.randn(3, 4)
@@ -164,40 +154,16 @@ class AffineCoupling(NetworkFlow):
         self,
         dim: int,
         hidden_dims: Sequence[int] = (64, 64),
-        mask: Mask = "even",
+        mask: Mask = "half",
         log_scale_bound: float = LOG_SCALE_BOUND,
         residual: bool = True,
+        context_dim: int = 0,
     ) -> None:
-        super().__init__(dim)
-        self.core = CouplingCore(dim, AffineMap(log_scale_bound), mask, hidden_dims, 0, residual)
-
-
-@conditional_registry.register("affine_coupling")
-class ConditionalAffineCoupling(NetworkConditionalFlow):
-    """Conditional :class:`AffineCoupling`: the conditioner network also reads the context.
-
-    Args:
-        dim: event size D (≥ 2).
-        context_dim: context size.
-        hidden_dims, mask, log_scale_bound, residual: see :class:`AffineCoupling`.
-
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        mask: Mask = "even",
-        log_scale_bound: float = LOG_SCALE_BOUND,
-        residual: bool = True,
-    ) -> None:
-        super().__init__(dim, context_dim)
-        self.core = CouplingCore(dim, AffineMap(log_scale_bound), mask, hidden_dims, context_dim, residual)
+        super().__init__(dim, AffineMap(log_scale_bound), mask, hidden_dims, residual, context_dim)
 
 
 @registry.register("spline_coupling")
-class SplineCoupling(NetworkFlow):
+class SplineCoupling(_Coupling):
     r"""Rational-quadratic spline coupling (Durkan et al. 2019, "Neural Spline Flows").
 
     :math:`y_A = x_A`, :math:`y_B = \mathrm{RQS}(x_B; \theta(x_A))`: a monotonic rational-quadratic spline with K
@@ -216,8 +182,9 @@ class SplineCoupling(NetworkFlow):
         bound: half-width B of the spline interval.
         mask: pass-through coordinates, see :class:`AffineCoupling`.
         residual: residual conditioner.
+        context_dim: context size of the amortized variant (0: unconditional).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = SplineCoupling(4, hidden_dims=(16, 16))
         >>> y = flow(torch.randn(3, 4))
@@ -232,33 +199,8 @@ class SplineCoupling(NetworkFlow):
         hidden_dims: Sequence[int] = (64, 64),
         num_bins: int = 8,
         bound: float = 3.0,
-        mask: Mask = "even",
+        mask: Mask = "half",
         residual: bool = True,
+        context_dim: int = 0,
     ) -> None:
-        super().__init__(dim)
-        self.core = CouplingCore(dim, SplineMap(num_bins, bound), mask, hidden_dims, 0, residual)
-
-
-@conditional_registry.register("spline_coupling")
-class ConditionalSplineCoupling(NetworkConditionalFlow):
-    """Conditional :class:`SplineCoupling`: the conditioner network also reads the context.
-
-    Args:
-        dim: event size D (≥ 2).
-        context_dim: context size.
-        hidden_dims, num_bins, bound, mask, residual: see :class:`SplineCoupling`.
-
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        num_bins: int = 8,
-        bound: float = 3.0,
-        mask: Mask = "even",
-        residual: bool = True,
-    ) -> None:
-        super().__init__(dim, context_dim)
-        self.core = CouplingCore(dim, SplineMap(num_bins, bound), mask, hidden_dims, context_dim, residual)
+        super().__init__(dim, SplineMap(num_bins, bound), mask, hidden_dims, residual, context_dim)

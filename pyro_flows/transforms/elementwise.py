@@ -6,15 +6,16 @@ autoregressive layers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pyro_flows.transforms.base import HyperConditionalFlow, ParametricFlow, expand_log_det
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.base import ParametricFlow, expand_log_det
+from pyro_flows.transforms.registry import registry
 
-__all__ = ["ConditionalElementwiseAffine", "ConditionalLeakyReLU", "ElementwiseAffine", "LeakyReLU"]
+__all__ = ["ElementwiseAffine", "LeakyReLU"]
 
 
 @registry.register("elementwise_affine")
@@ -28,6 +29,8 @@ class ElementwiseAffine(ParametricFlow):
 
     Args:
         dim: event size D.
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -40,8 +43,10 @@ class ElementwiseAffine(ParametricFlow):
 
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim)
+    sign = 1
+
+    def __init__(self, dim: int, **context: Any) -> None:
+        super().__init__(dim, **context)
         self.add_raw_param("loc", torch.zeros(dim))
         self.add_raw_param("log_scale", torch.zeros(dim))
 
@@ -70,6 +75,8 @@ class LeakyReLU(ParametricFlow):
 
     Args:
         dim: event size D.
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -80,8 +87,10 @@ class LeakyReLU(ParametricFlow):
 
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim)
+    sign = 1
+
+    def __init__(self, dim: int, **context: Any) -> None:
+        super().__init__(dim, **context)
         self.add_raw_param("log_slope", torch.zeros(dim))
 
     def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,39 +106,3 @@ class LeakyReLU(ParametricFlow):
         x = torch.where(negative, y * (-log_slope).exp(), y)
         log_det = torch.where(negative, log_slope, torch.zeros_like(log_slope)).sum(-1)
         return x, expand_log_det(log_det, y, 1)
-
-
-@conditional_registry.register("elementwise_affine")
-class ConditionalElementwiseAffine(HyperConditionalFlow):
-    r"""Amortized :class:`ElementwiseAffine`: :math:`(\mu, s) = (\mu_0, s_0) + g(c)`.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    Example:
-        >>> import torch
-        >>> flow = ConditionalElementwiseAffine(3, context_dim=2)
-        >>> flow.condition(torch.randn(5, 2))(torch.randn(5, 3)).shape
-        torch.Size([5, 3])
-
-    """
-
-    def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,)) -> None:
-        super().__init__(ElementwiseAffine(dim), context_dim, hidden_dims, activation=nn.ELU)
-
-
-@conditional_registry.register("leaky_relu")
-class ConditionalLeakyReLU(HyperConditionalFlow):
-    r"""Amortized :class:`LeakyReLU`: the log-slopes are :math:`\rho_0 + g(c)`.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    """
-
-    def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,)) -> None:
-        super().__init__(LeakyReLU(dim), context_dim, hidden_dims, activation=nn.ELU)

@@ -18,18 +18,19 @@ Families (name in :data:`~pyro_flows.transforms.registry.registry`: matrix :math
 * ``householder``: :math:`H_1 \cdots H_K`; 0; the K reflections in reverse order, O(K·D);
 * ``qr``: :math:`H_1 \cdots H_K R`; :math:`\sum_i \log R_{ii}`; reflections in reverse, then a triangular solve.
 
-All but ``permutation`` have an amortized variant in :data:`~pyro_flows.transforms.registry.conditional_registry`.
+All but ``permutation`` have an amortized variant (``context_dim > 0``, in
+:data:`~pyro_flows.transforms.registry.conditional_registry`): their raw parameters are offset by a hypernetwork of
+the context (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pyro_flows.nn.mlp import MLP
 from pyro_flows.transforms._utils import (
     RAW_ONE,
     householder_product,
@@ -39,24 +40,12 @@ from pyro_flows.transforms._utils import (
     solve_triangular_vec,
     tril_from_packed,
 )
-from pyro_flows.transforms.base import (
-    ConditionalFlow,
-    ConditionedFlow,
-    Flow,
-    HyperConditionalFlow,
-    ParametricFlow,
-    expand_log_det,
-)
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.base import Flow, ParametricFlow, check_size, expand_log_det
+from pyro_flows.transforms.registry import registry
 
 __all__ = [
     "LU",
     "QR",
-    "ConditionalConvexTriangular",
-    "ConditionalHouseholder",
-    "ConditionalLU",
-    "ConditionalQR",
-    "ConditionalTriangular",
     "ConvexTriangular",
     "Householder",
     "Permutation",
@@ -148,6 +137,8 @@ class Permutation(Flow):
 
     """
 
+    has_conditional = False
+
     def __init__(
         self, dim: int, permutation: PermutationSpec = "reverse", generator: torch.Generator | None = None
     ) -> None:
@@ -156,10 +147,10 @@ class Permutation(Flow):
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))
 
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         return x[..., self.permutation], _log_det_from_diag(None, x)
 
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _inverse_and_log_det(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         return y[..., self.inverse_permutation], _log_det_from_diag(None, y)
 
 
@@ -179,6 +170,8 @@ class Triangular(ParametricFlow):
     Args:
         dim: event size D.
         bias: learn the offset :math:`b` (default ``True``).
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -189,8 +182,10 @@ class Triangular(ParametricFlow):
 
     """
 
-    def __init__(self, dim: int, bias: bool = True) -> None:
-        super().__init__(dim)
+    needs_permutation = True
+
+    def __init__(self, dim: int, bias: bool = True, **context: Any) -> None:
+        super().__init__(dim, **context)
         self.add_raw_param("lower", torch.zeros(dim * (dim - 1) // 2))
         self.add_raw_param("raw_diag", torch.full((dim,), RAW_ONE))
         if bias:
@@ -224,8 +219,9 @@ class ConvexTriangular(ParametricFlow):
       solve, O(D²) per point.
 
     Starts near the identity (the :math:`L_k` off-diagonals are drawn from :math:`N(0, 10^{-4})` so that the
-    matrices are distinguishable and the weights get gradients). See :class:`ConditionalConvexTriangular` for the
-    paper's amortized version, where the encoder emits the weights.
+    matrices are distinguishable and the weights get gradients). Amortized (``context_dim > 0``) as in the paper:
+    the encoder state gives the weights, :math:`w(c) = \mathrm{softmax}(\alpha_0 + g(c))`; the matrices, the
+    diagonal and the bias stay global.
 
     Reference: J. M. Tomczak & M. Welling, "Improving Variational Auto-Encoders using convex combination linear
     Inverse Autoregressive Flow", Benelearn 2017.
@@ -235,6 +231,8 @@ class ConvexTriangular(ParametricFlow):
         num_matrices: number K of triangular matrices.
         diagonal: learn a positive diagonal (default ``False``: unit diagonal, volume preserving).
         bias: learn the offset :math:`b` (default ``False``, as in the paper).
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -244,17 +242,19 @@ class ConvexTriangular(ParametricFlow):
 
     """
 
-    def __init__(self, dim: int, num_matrices: int = 4, diagonal: bool = False, bias: bool = False) -> None:
-        super().__init__(dim)
-        if num_matrices < 1:
-            raise ValueError(f"num_matrices must be a positive integer, got {num_matrices}")
-        self.num_matrices = num_matrices
-        self.add_raw_param("lowers", 1e-2 * torch.randn(num_matrices, dim * (dim - 1) // 2))
+    needs_permutation = True
+
+    def __init__(
+        self, dim: int, num_matrices: int = 4, diagonal: bool = False, bias: bool = False, **context: Any
+    ) -> None:
+        super().__init__(dim, **context)
+        self.num_matrices = check_size(num_matrices, "num_matrices")
+        self.add_raw_param("lowers", 1e-2 * torch.randn(num_matrices, dim * (dim - 1) // 2), amortized=False)
         self.add_raw_param("logits", torch.zeros(num_matrices))
         if diagonal:
-            self.add_raw_param("raw_diag", torch.full((dim,), RAW_ONE))
+            self.add_raw_param("raw_diag", torch.full((dim,), RAW_ONE), amortized=False)
         if bias:
-            self.add_raw_param("bias", torch.zeros(dim))
+            self.add_raw_param("bias", torch.zeros(dim), amortized=False)
 
     def weights(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """The convex weights :math:`w` (on the simplex), of shape ``batch + (K,)``."""
@@ -295,6 +295,8 @@ class LU(ParametricFlow):
         permutation: ``"random"`` (default), ``"reverse"`` or explicit indices for :math:`P`.
         bias: learn the offset :math:`b` (default ``True``).
         generator: random generator for the permutation.
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     """
 
@@ -304,8 +306,9 @@ class LU(ParametricFlow):
         permutation: PermutationSpec = "random",
         bias: bool = True,
         generator: torch.Generator | None = None,
+        **context: Any,
     ) -> None:
-        super().__init__(dim)
+        super().__init__(dim, **context)
         perm = make_permutation(dim, permutation, generator)
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))
@@ -351,23 +354,23 @@ class Householder(ParametricFlow):
 
     Args:
         dim: event size D.
-        count: number K of reflections.
+        num_reflections: number K of reflections.
         bias: learn the offset :math:`b` (default ``False``).
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant (the hypernetwork emits
+            the reflection vectors, as the encoder does in the Householder-flow VAE).
 
     Example:
         >>> import torch
-        >>> flow = Householder(4, count=2)
+        >>> flow = Householder(4, num_reflections=2)
         >>> x = torch.randn(3, 4)
         >>> torch.allclose(flow(x), x, atol=1e-6)
         True
 
     """
 
-    def __init__(self, dim: int, count: int = 2, bias: bool = False) -> None:
-        super().__init__(dim)
-        if count < 1:
-            raise ValueError(f"count must be a positive integer, got {count}")
-        self.add_raw_param("vectors", _paired_vectors(count, dim))
+    def __init__(self, dim: int, num_reflections: int = 2, bias: bool = False, **context: Any) -> None:
+        super().__init__(dim, **context)
+        self.add_raw_param("vectors", _paired_vectors(check_size(num_reflections, "num_reflections"), dim))
         if bias:
             self.add_raw_param("bias", torch.zeros(dim))
 
@@ -400,8 +403,10 @@ class QR(ParametricFlow):
 
     Args:
         dim: event size D.
-        count: number K of reflections in :math:`Q` (default D).
+        num_reflections: number K of reflections in :math:`Q` (default D).
         bias: learn the offset :math:`b` (default ``True``).
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -412,11 +417,9 @@ class QR(ParametricFlow):
 
     """
 
-    def __init__(self, dim: int, count: int | None = None, bias: bool = True) -> None:
-        super().__init__(dim)
-        count = dim if count is None else count
-        if count < 1:
-            raise ValueError(f"count must be a positive integer, got {count}")
+    def __init__(self, dim: int, num_reflections: int | None = None, bias: bool = True, **context: Any) -> None:
+        super().__init__(dim, **context)
+        count = dim if num_reflections is None else check_size(num_reflections, "num_reflections")
         self.add_raw_param("vectors", _paired_vectors(count, dim))
         self.add_raw_param("upper", torch.zeros(dim * (dim - 1) // 2))
         self.add_raw_param("raw_diag", torch.full((dim,), RAW_ONE))
@@ -437,130 +440,3 @@ class QR(ParametricFlow):
         z = householder_product_reverse(params["vectors"], _remove_bias(params, y))
         x = solve_triangular_vec(upper, z, upper=True)
         return x, _log_det_from_diag(diag, x)
-
-
-@conditional_registry.register("triangular")
-class ConditionalTriangular(HyperConditionalFlow):
-    r"""Amortized :class:`Triangular`: the entries of :math:`L` and :math:`b` are :math:`\theta_0 + g(c)`.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    """
-
-    def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,)) -> None:
-        super().__init__(Triangular(dim), context_dim, hidden_dims, activation=nn.ELU)
-
-
-@conditional_registry.register("lu")
-class ConditionalLU(HyperConditionalFlow):
-    r"""Amortized :class:`LU`: the entries of :math:`L`, :math:`U` and :math:`b` are :math:`\theta_0 + g(c)`.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    """
-
-    def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,)) -> None:
-        super().__init__(LU(dim), context_dim, hidden_dims, activation=nn.ELU)
-
-
-@conditional_registry.register("convex_triangular")
-class ConditionalConvexTriangular(ConditionalFlow):
-    r"""Amortized ccLinIAF (Tomczak & Welling 2017): the encoder state :math:`c` gives the convex weights.
-
-    :math:`y = L(c)\, x`, :math:`L(c) = \sum_k w_k(c) L_k`, :math:`w(c) = \mathrm{softmax}(\alpha_0 + g(c))`, with
-    :math:`g` an MLP whose last layer starts at zero (so every context starts at the unconditional
-    :class:`ConvexTriangular`). As in the paper the weights are always amortized; with ``amortize_matrices=True``
-    the strictly-lower entries of every :math:`L_k` are amortized too (:math:`\theta_0 + g(c)`), otherwise the
-    :math:`L_k` are global parameters shared by all contexts. Log-det and inverse as in :class:`ConvexTriangular`.
-
-    Args:
-        dim: event size D.
-        context_dim: context size (the encoder's hidden state h in the VAE).
-        num_matrices: number K of triangular matrices.
-        amortize_matrices: also produce the matrices from the context.
-        diagonal: learn a positive diagonal (context-independent).
-        bias: learn the offset :math:`b` (context-independent).
-        hidden_dims: hidden widths of ``g``.
-
-    Example:
-        >>> import torch
-        >>> flow = ConditionalConvexTriangular(4, context_dim=2, num_matrices=3)
-        >>> flow.condition(torch.randn(5, 2))(torch.randn(5, 4)).shape
-        torch.Size([5, 4])
-
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        num_matrices: int = 4,
-        amortize_matrices: bool = False,
-        diagonal: bool = False,
-        bias: bool = False,
-        hidden_dims: Sequence[int] = (64,),
-    ) -> None:
-        super().__init__(dim, context_dim)
-        self.template = ConvexTriangular(dim, num_matrices, diagonal=diagonal, bias=bias)
-        self.amortized = ["logits", "lowers"] if amortize_matrices else ["logits"]
-        self._sizes = [self.template.param_shapes[name].numel() for name in self.amortized]
-        self.hypernet = MLP(context_dim, sum(self._sizes), hidden_dims, activation=nn.ELU, zero_last=True)
-
-    def weights(self, context: Tensor) -> Tensor:
-        """The convex weights :math:`w(c)` on the simplex, of shape ``context.shape[:-1] + (K,)``."""
-        return self.template.weights(self.condition(context).params)
-
-    def condition(self, context: Tensor) -> ConditionedFlow:
-        """Return the ccLinIAF for ``context`` of shape ``(..., context_dim)``; its batch dims broadcast."""
-        self.check_context(context)
-        batch = context.shape[:-1]
-        params = self.template.raw_params()
-        deltas = self.hypernet(context).split(self._sizes, dim=-1)
-        for name, delta in zip(self.amortized, deltas, strict=True):
-            params[name] = params[name] + delta.reshape(batch + self.template.param_shapes[name])
-        return ConditionedFlow(self.template, params)
-
-
-@conditional_registry.register("householder")
-class ConditionalHouseholder(HyperConditionalFlow):
-    r"""Amortized :class:`Householder`: the reflection vectors are :math:`v_k(c) = v_{k,0} + g_k(c)`.
-
-    In the Householder-flow VAE (Tomczak & Welling 2016) the encoder emits the reflection vectors; here one
-    hypernetwork ``g`` maps the encoder state (the context) to all K vectors at once. The last layer of ``g``
-    starts at zero, so every context starts at the unconditional flow. Volume preserving; inverse = reflections in
-    reverse order.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        count: number K of reflections.
-        hidden_dims: hidden widths of ``g``.
-
-    """
-
-    def __init__(self, dim: int, context_dim: int, count: int = 2, hidden_dims: Sequence[int] = (64,)) -> None:
-        super().__init__(Householder(dim, count), context_dim, hidden_dims, activation=nn.ELU)
-
-
-@conditional_registry.register("qr")
-class ConditionalQR(HyperConditionalFlow):
-    r"""Amortized :class:`QR`: reflection vectors, :math:`R` and :math:`b` are :math:`\theta_0 + g(c)`.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        count: number K of reflections (default D).
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    """
-
-    def __init__(
-        self, dim: int, context_dim: int, count: int | None = None, hidden_dims: Sequence[int] = (64,)
-    ) -> None:
-        super().__init__(QR(dim, count), context_dim, hidden_dims, activation=nn.ELU)

@@ -6,17 +6,18 @@ Also home of :func:`bracketed_newton`, the vectorized scalar root finder used by
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from pyro_flows.transforms._utils import MIN_POSITIVE, RAW_ONE
-from pyro_flows.transforms.base import HyperConditionalFlow, ParametricFlow, expand_log_det
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.base import ParametricFlow, expand_log_det
+from pyro_flows.transforms.registry import registry
 
-__all__ = ["ConditionalPlanar", "Planar", "bracketed_newton"]
+__all__ = ["Planar", "bracketed_newton"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class Planar(ParametricFlow):
 
     Args:
         dim: event size D.
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -127,8 +130,8 @@ class Planar(ParametricFlow):
 
     inverse_atol = 1e-8
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim)
+    def __init__(self, dim: int, **context: Any) -> None:
+        super().__init__(dim, **context)
         w = torch.randn(dim) / dim**0.5
         w = torch.where(w.norm() > 0, w, torch.ones(dim) / dim**0.5)
         self.add_raw_param("u", RAW_ONE * w / w.pow(2).sum())
@@ -179,27 +182,3 @@ class Planar(ParametricFlow):
         act = torch.tanh(a)
         x = y - act.unsqueeze(-1) * u_hat
         return x, expand_log_det(self._log_det(act, s), y, 1)
-
-
-@conditional_registry.register("planar")
-class ConditionalPlanar(HyperConditionalFlow):
-    r"""Amortized :class:`Planar`: :math:`(u, w, b) = (u_0, w_0, b_0) + g(c)` (Rezende & Mohamed 2015, Sec. 4).
-
-    The hypernetwork ``g`` maps a batch of contexts to all parameters in one forward pass; the constraint
-    :math:`w^\top \hat u > -1` holds for every context.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    Example:
-        >>> import torch
-        >>> flow = ConditionalPlanar(3, context_dim=2)
-        >>> flow.condition(torch.randn(5, 2))(torch.randn(5, 3)).shape
-        torch.Size([5, 3])
-
-    """
-
-    def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,)) -> None:
-        super().__init__(Planar(dim), context_dim, hidden_dims, activation=nn.ELU)

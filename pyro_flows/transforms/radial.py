@@ -2,16 +2,17 @@ r"""Radial flows (Rezende & Mohamed 2015) with a closed-form inverse."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pyro_flows.transforms._utils import RAW_ONE, positive
-from pyro_flows.transforms.base import HyperConditionalFlow, ParametricFlow, expand_log_det
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.base import ParametricFlow, expand_log_det
+from pyro_flows.transforms.registry import registry
 
-__all__ = ["ConditionalRadial", "Radial"]
+__all__ = ["Radial"]
 
 
 @registry.register("radial")
@@ -36,6 +37,8 @@ class Radial(ParametricFlow):
 
     Args:
         dim: event size D.
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -46,8 +49,8 @@ class Radial(ParametricFlow):
 
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim)
+    def __init__(self, dim: int, **context: Any) -> None:
+        super().__init__(dim, **context)
         self.add_raw_param("center", torch.randn(dim))
         self.add_raw_param("raw_alpha", torch.full((), RAW_ONE))
         self.add_raw_param("raw_beta", torch.full((), RAW_ONE))
@@ -81,27 +84,3 @@ class Radial(ParametricFlow):
         r = torch.where(p > 0, 2.0 * alpha * r_out / safe, 0.5 * (root - p))
         x = center + diff / (1.0 + beta / (alpha + r))
         return x, expand_log_det(self._log_det(alpha, beta, r), y, 1)
-
-
-@conditional_registry.register("radial")
-class ConditionalRadial(HyperConditionalFlow):
-    r"""Amortized :class:`Radial`: :math:`(z_0, \rho_\alpha, \rho_\beta) = \theta_0 + g(c)`.
-
-    One hypernetwork forward gives the centre, :math:`\alpha` and :math:`\beta` of every context in the batch;
-    :math:`\beta > -\alpha` holds for every context.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    Example:
-        >>> import torch
-        >>> flow = ConditionalRadial(3, context_dim=2)
-        >>> flow.condition(torch.randn(5, 2))(torch.randn(5, 3)).shape
-        torch.Size([5, 3])
-
-    """
-
-    def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,)) -> None:
-        super().__init__(Radial(dim), context_dim, hidden_dims, activation=nn.ELU)

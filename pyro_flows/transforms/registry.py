@@ -2,29 +2,77 @@
 
 Three registries are public API:
 
-* :data:`registry` — ``factory(dim: int, **kwargs) -> TransformModule``, one layer acting on vectors of size
-  ``dim``;
-* :data:`conditional_registry` — ``factory(dim: int, context_dim: int, **kwargs) -> ConditionalTransformModule``;
-* :data:`image_registry` — ``factory(event_shape: tuple[int, int, int], **kwargs) -> TransformModule`` for flows
-  on ``(C, H, W)`` events.
+* :data:`registry` — ``factory(dim: int, **kwargs) -> Flow``, one layer acting on vectors of size ``dim``;
+* :data:`conditional_registry` — ``factory(dim: int, context_dim: int, **kwargs) -> ConditionalFlow``, derived
+  from the unconditional family (same keyword arguments: it *is* the family class built with ``context_dim``);
+* :data:`image_registry` — ``factory(event_shape: tuple[int, int, int], **kwargs) -> Flow`` for flows on
+  ``(C, H, W)`` events.
 
-A family joins by decorating its class (or a factory function) with ``@registry.register("name")``; the
-conformance suite in ``tests/`` then checks it automatically.
+A family joins by decorating its class with ``@registry.register("name")``: that registers the class and, when
+the family has an amortized variant (:attr:`~pyro_flows.transforms.base.Flow.has_conditional`), its conditional
+factory; the conformance suite in ``tests/`` then checks both automatically.
 
-Example:
-    >>> from pyro_flows.transforms import registry
+Examples:
+    >>> from pyro_flows.transforms import conditional_registry, registry
     >>> layer = registry["elementwise_affine"](3)
-    >>> "elementwise_affine" in registry
-    True
+    >>> "elementwise_affine" in registry, "elementwise_affine" in conditional_registry
+    (True, True)
 
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+from pyro_flows.transforms.base import ConditionalFlow, Flow, ParametricFlow
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def factory_keywords(factory: Callable[..., Any]) -> frozenset[str]:
+    """The keyword arguments a layer factory accepts, besides the event size (and ``context_dim``).
+
+    For a :class:`~pyro_flows.transforms.base.ParametricFlow` family whose ``__init__`` forwards ``**context`` to
+    the base class, the hypernetwork's keywords (``context_dim``, ``context_hidden_dims``) are included.
+    """
+    parameters = list(inspect.signature(factory).parameters.values())[1:]
+    names = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters) and isinstance(factory, type):
+        base = ParametricFlow if issubclass(factory, ParametricFlow) else Flow
+        names |= {p.name for p in inspect.signature(base.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    return frozenset(names)
+
+
+class ConditionalFactory:
+    """``(dim, context_dim, **kwargs) -> ConditionalFlow(family(dim, context_dim=context_dim, **kwargs))``.
+
+    The conditional variant of a family is the family class itself built with a context; this factory only wraps
+    it in a Pyro ``ConditionalTransformModule``, so its keyword arguments cannot drift from the family's.
+
+    Args:
+        family: a :class:`~pyro_flows.transforms.base.Flow` subclass with ``has_conditional``.
+
+    """
+
+    def __init__(self, family: type[Flow]) -> None:
+        self.family = family
+        self.__name__ = self.__qualname__ = f"Conditional{family.__name__}"
+        self.__doc__ = f"Amortized :class:`~{family.__module__}.{family.__name__}` (see that class)."
+        parameters = list(inspect.signature(family).parameters.values())
+        context = inspect.Parameter("context_dim", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
+        rest = [p for p in parameters[1:] if p.name != "context_dim"]
+        self.__signature__ = inspect.Signature([parameters[0], context, *rest])
+
+    def __call__(self, dim: int, context_dim: int, **kwargs: Any) -> ConditionalFlow:
+        """Build the conditional flow."""
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(f"context_dim must be a positive integer, got {context_dim!r}")
+        return ConditionalFlow(self.family(dim, context_dim=context_dim, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"<conditional factory of {self.family.__name__}>"
 
 
 class FlowRegistry(Mapping[str, Callable[..., Any]]):
@@ -32,15 +80,17 @@ class FlowRegistry(Mapping[str, Callable[..., Any]]):
 
     Args:
         kind: a short description of what the factories take, used in error messages.
+        conditional: the registry that receives the derived conditional factories of the families registered here.
 
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, conditional: FlowRegistry | None = None) -> None:
         self.kind = kind
+        self.conditional = conditional
         self._factories: dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str) -> Callable[[F], F]:
-        """Return a decorator that registers a factory (usually a class) under ``name``.
+        """Return a decorator that registers a factory (usually a :class:`Flow` subclass) under ``name``.
 
         Raises:
             ValueError: if ``name`` is already registered.
@@ -48,12 +98,17 @@ class FlowRegistry(Mapping[str, Callable[..., Any]]):
         """
 
         def decorator(factory: F) -> F:
-            if name in self._factories:
-                raise ValueError(f"flow {name!r} is already registered in the {self.kind} registry")
-            self._factories[name] = factory
+            self._add(name, factory)
+            if self.conditional is not None and isinstance(factory, type) and factory.has_conditional:
+                self.conditional._add(name, ConditionalFactory(factory))
             return factory
 
         return decorator
+
+    def _add(self, name: str, factory: Callable[..., Any]) -> None:
+        if name in self._factories:
+            raise ValueError(f"flow {name!r} is already registered in the {self.kind} registry")
+        self._factories[name] = factory
 
     def __getitem__(self, name: str) -> Callable[..., Any]:
         try:
@@ -72,6 +127,6 @@ class FlowRegistry(Mapping[str, Callable[..., Any]]):
         return f"FlowRegistry({self.kind!r}, {sorted(self._factories)})"
 
 
-registry = FlowRegistry("vector")
 conditional_registry = FlowRegistry("conditional")
+registry = FlowRegistry("vector", conditional=conditional_registry)
 image_registry = FlowRegistry("image")

@@ -24,13 +24,13 @@ double backward).
   .. math:: \log\det(I+J) = \mathbb{E}_{n, v}\Bigl[\sum_{k=1}^{n} \frac{(-1)^{k+1}}{k}
             \frac{v^T J^k v}{P(N \ge k)}\Bigr],
 
-  :math:`n` = ``n_exact_terms`` + Geometric(``geom_p``) (one draw per call), :math:`v` standard normal
-  (``n_samples`` probes). Its gradient uses the Neumann series
+  :math:`n` = ``num_exact_terms`` + Geometric(``geom_p``) (one draw per call), :math:`v` standard normal
+  (``num_samples`` probes). Its gradient uses the Neumann series
   :math:`\partial \log\det(I+J) = \mathbb{E}\bigl[\sum_{k=0}^{n-1} (-1)^k v^T J^k (\partial J) v / P(N \ge k+1)\bigr]`:
   the vector :math:`w^T = \sum_k (-1)^k v^T J^k / P(N\ge k+1)` is built without autograd history and only the single
   product :math:`w^T J v` is differentiated, so memory is O(1) in the number of terms.
-  Cost: E[n] = ``n_exact_terms + (1 - geom_p)/geom_p`` vector-Jacobian products per probe. Trade-offs: more
-  ``n_exact_terms`` or probes lower the variance linearly in cost; a smaller ``geom_p`` makes long series
+  Cost: E[n] = ``num_exact_terms + (1 - geom_p)/geom_p`` vector-Jacobian products per probe. Trade-offs: more
+  ``num_exact_terms`` or probes lower the variance linearly in cost; a smaller ``geom_p`` makes long series
   likelier (lower variance of the truncation, higher mean cost). The variance is finite when
   :math:`\mathrm{Lip}(g)^2 < 1 - p` roughly; keep ``coeff`` moderate with the estimator.
 
@@ -48,13 +48,12 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.distributions import Transform
 
 from pyro_flows.nn.lipschitz import Linearization, LipschitzMLP
-from pyro_flows.transforms.base import ConditionalFlow, Flow, FlowMixin, expand_log_det, state_dtype_and_device
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.base import Flow, check_size, expand_log_det
+from pyro_flows.transforms.registry import registry
 
-__all__ = ["ConditionalResidual", "FixedPointError", "Residual"]
+__all__ = ["FixedPointError", "Residual"]
 
 LogDetMode = Literal["auto", "exact", "estimator"]
 #: Largest dimension for which ``log_det="auto"`` computes the exact log-det.
@@ -87,41 +86,71 @@ def _fixed_point(
     )
 
 
-class _ResidualCore:
-    """Forward, inverse and log-det of ``x + g(x; c)`` shared by :class:`Residual` and the conditioned flows."""
+@registry.register("residual")
+class Residual(Flow):
+    r"""Invertible residual block :math:`y = x + g(x)`, :math:`\mathrm{Lip}(g) \le c^{L} < 1` (Chen et al. 2019).
 
-    net: LipschitzMLP
-    log_det_mode: Literal["exact", "estimator"]
-    n_exact_terms: int
-    geom_p: float
-    n_samples: int
-    inverse_tol: float
-    max_iter: int
+    * log-det: :math:`\log\det(I + J_g(x))`, exact (closed-form Jacobian + ``slogdet``, default for ``dim ≤ 16``) or
+      the unbiased Russian-roulette estimator with Neumann-series gradients (default above); see the module docs.
+    * inverse: fixed-point iteration to ``inverse_tol`` (≤ 1e-4, default 1e-6; :attr:`inverse_atol` states it),
+      at most ``max_iter`` network passes, :class:`FixedPointError` otherwise.
 
-    def _setup(
+    ``g`` starts at zero (identity flow). Stack several blocks with ActNorm/permutations in between for capacity.
+
+    Args:
+        dim: event size D.
+        hidden_dims: hidden widths of ``g``.
+        coeff: spectral-norm coefficient :math:`c \in (0, 1)` of each layer.
+        log_det: ``"auto"`` (exact iff ``dim ≤ 16``), ``"exact"`` or ``"estimator"``.
+        num_exact_terms: power-series terms always computed by the estimator.
+        geom_p: success probability of the geometric number of extra terms (Russian roulette).
+        num_samples: Gaussian probe vectors per log-det estimate.
+        inverse_tol: guaranteed absolute accuracy of the inverse (float64).
+        max_iter: iteration cap of the inverse and of its gradient solve.
+        context_dim: context size of the amortized variant (0: unconditional). The context enters the first layer
+            of ``g`` additively (:math:`\hat W_1 x + V c + b_1`, :math:`V` unconstrained), so every conditioned map
+            is an invertible residual block.
+
+    Example:
+        >>> import torch
+        >>> flow = Residual(3)
+        >>> with torch.no_grad():
+        ...     _ = flow.net.linears[-1].weight.normal_()
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(flow.inv(flow(x)), x, atol=1e-5)
+        True
+
+    """
+
+    traceable = False  # the fixed-point inverse and the roulette draw are data dependent
+
+    def __init__(
         self,
         dim: int,
-        log_det: LogDetMode,
-        n_exact_terms: int,
-        geom_p: float,
-        n_samples: int,
-        inverse_tol: float,
-        max_iter: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        coeff: float = 0.97,
+        log_det: LogDetMode = "auto",
+        num_exact_terms: int = 2,
+        geom_p: float = 0.5,
+        num_samples: int = 1,
+        inverse_tol: float = 1e-6,
+        max_iter: int = 1000,
+        context_dim: int = 0,
     ) -> None:
+        super().__init__(dim, context_dim=context_dim)
         if log_det not in ("auto", "exact", "estimator"):
             raise ValueError(f"log_det must be 'auto', 'exact' or 'estimator', got {log_det!r}")
-        if n_exact_terms < 1 or n_samples < 1 or max_iter < 1:
-            raise ValueError("n_exact_terms, n_samples and max_iter must be positive")
         if not 0.0 < geom_p < 1.0:
             raise ValueError(f"geom_p must be in (0, 1), got {geom_p}")
         if not 0.0 < inverse_tol <= 1e-4:
             raise ValueError(f"inverse_tol must be in (0, 1e-4], got {inverse_tol}")
-        self.log_det_mode = ("exact" if dim <= EXACT_MAX_DIM else "estimator") if log_det == "auto" else log_det
-        self.n_exact_terms = int(n_exact_terms)
+        self.log_det_mode = ("exact" if self.dim <= EXACT_MAX_DIM else "estimator") if log_det == "auto" else log_det
+        self.num_exact_terms = check_size(num_exact_terms, "num_exact_terms")
         self.geom_p = float(geom_p)
-        self.n_samples = int(n_samples)
-        self.inverse_tol = float(inverse_tol)
-        self.max_iter = int(max_iter)
+        self.num_samples = check_size(num_samples, "num_samples")
+        self.inverse_atol = self.inverse_tol = float(inverse_tol)
+        self.max_iter = check_size(max_iter, "max_iter")
+        self.net = LipschitzMLP(dim, hidden_dims, coeff, context_features=self.context_dim)
 
     def _log_det(self, lin: Linearization, x: Tensor) -> Tensor:
         if self.log_det_mode == "exact":
@@ -133,16 +162,16 @@ class _ResidualCore:
     def _roulette_log_det(self, lin: Linearization, x: Tensor) -> Tensor:
         # N ~ Geometric(p) on {0, 1, ...} by inversion: P(N ≥ m) = (1 - p)^m.
         uniform = float(torch.rand(())) or 0.5
-        n = self.n_exact_terms + math.floor(math.log(uniform) / math.log1p(-self.geom_p))
+        n = self.num_exact_terms + math.floor(math.log(uniform) / math.log1p(-self.geom_p))
         batch = torch.broadcast_shapes(x.shape[:-1], *(s.shape[:-1] for s in lin.slopes))
-        v = torch.randn(self.n_samples, *batch, x.shape[-1], dtype=x.dtype, device=x.device)
+        v = torch.randn(self.num_samples, *batch, x.shape[-1], dtype=x.dtype, device=x.device)
         frozen = lin.detach()
         estimate = torch.zeros(v.shape[:-1], dtype=x.dtype, device=x.device)
         w = torch.zeros_like(v)
         u = v
         with torch.no_grad():
             for k in range(1, n + 1):
-                survival = (1.0 - self.geom_p) ** max(0, k - self.n_exact_terms)
+                survival = (1.0 - self.geom_p) ** max(0, k - self.num_exact_terms)
                 sign = 1.0 if k % 2 == 1 else -1.0
                 w = w + (sign / survival) * u
                 u = frozen.vjp(u)
@@ -150,11 +179,11 @@ class _ResidualCore:
         surrogate = (lin.vjp(w) * v).sum(-1)
         return (estimate + surrogate - surrogate.detach()).mean(0)
 
-    def _residual_forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         g, lin = self.net.linearize(x, context)
         return x + g, self._log_det(lin, x)
 
-    def _residual_inverse(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _inverse_and_log_det(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if not bool(torch.isfinite(y).all()):
             raise ValueError(f"{type(self).__name__} inverse got non-finite values")
         weights, lip = self.net.normalized_weights()
@@ -194,129 +223,6 @@ class _ResidualCore:
 
         return hook
 
-
-@registry.register("residual")
-class Residual(_ResidualCore, Flow):
-    r"""Invertible residual block :math:`y = x + g(x)`, :math:`\mathrm{Lip}(g) \le c^{L} < 1` (Chen et al. 2019).
-
-    * log-det: :math:`\log\det(I + J_g(x))`, exact (closed-form Jacobian + ``slogdet``, default for ``dim ≤ 16``) or
-      the unbiased Russian-roulette estimator with Neumann-series gradients (default above); see the module docs.
-    * inverse: fixed-point iteration to ``inverse_tol`` (≤ 1e-4, default 1e-6; :attr:`inverse_atol` states it),
-      at most ``max_iter`` network passes, :class:`FixedPointError` otherwise.
-
-    ``g`` starts at zero (identity flow). Stack several blocks with ActNorm/permutations in between for capacity.
-
-    Args:
-        dim: event size D.
-        hidden_dims: hidden widths of ``g``.
-        coeff: spectral-norm coefficient :math:`c \in (0, 1)` of each layer.
-        log_det: ``"auto"`` (exact iff ``dim ≤ 16``), ``"exact"`` or ``"estimator"``.
-        n_exact_terms: power-series terms always computed by the estimator.
-        geom_p: success probability of the geometric number of extra terms (Russian roulette).
-        n_samples: Gaussian probe vectors per log-det estimate.
-        inverse_tol: guaranteed absolute accuracy of the inverse (float64).
-        max_iter: iteration cap of the inverse and of its gradient solve.
-
-    Example:
-        >>> import torch
-        >>> flow = Residual(3)
-        >>> with torch.no_grad():
-        ...     _ = flow.net.linears[-1].weight.normal_()
-        >>> x = torch.randn(4, 3)
-        >>> torch.allclose(flow.inv(flow(x)), x, atol=1e-5)
-        True
-
-    """
-
-    fast_direction = "forward"
-    inverse_atol = 1e-6
-
-    def __init__(
-        self,
-        dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        coeff: float = 0.97,
-        log_det: LogDetMode = "auto",
-        n_exact_terms: int = 2,
-        geom_p: float = 0.5,
-        n_samples: int = 1,
-        inverse_tol: float = 1e-6,
-        max_iter: int = 1000,
-    ) -> None:
-        super().__init__(dim)
-        self._setup(self.dim, log_det, n_exact_terms, geom_p, n_samples, inverse_tol, max_iter)
-        self.inverse_atol = self.inverse_tol
-        self.net = LipschitzMLP(dim, hidden_dims, coeff)
-
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._residual_forward(x, None)
-
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._residual_inverse(y, None)
-
     def extra_repr(self) -> str:
         """Show the event shape and the log-det mode."""
         return f"{super().extra_repr()}, log_det={self.log_det_mode!r}"
-
-
-class ConditionedResidual(FlowMixin, Transform):
-    """:class:`ConditionalResidual` at a given (batched) context; returned by ``condition``."""
-
-    def __init__(self, module: ConditionalResidual, context: Tensor, cache_size: int = 1) -> None:
-        super().__init__(cache_size=cache_size)
-        self.module = module
-        self.context = context
-        self.event_shape = module.event_shape
-        self.inverse_atol = module.inverse_tol
-        self._ld_cache = None
-
-    def _dtype_and_device(self) -> tuple[torch.dtype | None, torch.device | None]:
-        return state_dtype_and_device(self.module)
-
-    def _forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.module._residual_forward(x, self.context)
-
-    def _inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.module._residual_inverse(y, self.context)
-
-    def __repr__(self) -> str:
-        return "ConditionedResidual()"
-
-
-@conditional_registry.register("residual")
-class ConditionalResidual(_ResidualCore, ConditionalFlow):
-    r"""Conditional residual block :math:`y = x + g(x; c)` with :math:`\mathrm{Lip}_x(g) < 1` for every context.
-
-    The context enters the first layer of ``g`` additively (:math:`\hat W_1 x + V c + b_1`, :math:`V`
-    unconstrained), so every conditioned map is an invertible residual block with the same log-det modes and
-    fixed-point inverse as :class:`Residual` (arguments as there).
-
-    Example:
-        >>> import torch
-        >>> flow = ConditionalResidual(3, context_dim=2)
-        >>> flow.condition(torch.randn(4, 2))(torch.randn(4, 3)).shape
-        torch.Size([4, 3])
-
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        coeff: float = 0.97,
-        log_det: LogDetMode = "auto",
-        n_exact_terms: int = 2,
-        geom_p: float = 0.5,
-        n_samples: int = 1,
-        inverse_tol: float = 1e-6,
-        max_iter: int = 1000,
-    ) -> None:
-        super().__init__(dim, context_dim)
-        self._setup(self.dim, log_det, n_exact_terms, geom_p, n_samples, inverse_tol, max_iter)
-        self.net = LipschitzMLP(dim, hidden_dims, coeff, context_features=context_dim)
-
-    def condition(self, context: Tensor) -> ConditionedResidual:
-        """Return the residual block for ``context`` of shape ``(..., context_dim)``."""
-        self.check_context(context)
-        return ConditionedResidual(self, context)

@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pyro_flows.transforms._utils import matvec
-from pyro_flows.transforms.base import HyperConditionalFlow, ParametricFlow, expand_log_det
+from pyro_flows.transforms.base import ParametricFlow, check_size, expand_log_det
 from pyro_flows.transforms.planar import bracketed_newton
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.registry import registry
 
 __all__ = [
-    "ConditionalSylvesterHouseholder",
-    "ConditionalSylvesterOrthogonal",
-    "ConditionalSylvesterTriangular",
     "SylvesterHouseholder",
     "SylvesterOrthogonal",
     "SylvesterTriangular",
@@ -153,8 +151,8 @@ class _Sylvester(ParametricFlow):
 
     inverse_atol = 1e-8
 
-    def __init__(self, dim: int, num_hidden: int | None) -> None:
-        super().__init__(dim)
+    def __init__(self, dim: int, num_hidden: int | None, **context: Any) -> None:
+        super().__init__(dim, **context)
         m = dim if num_hidden is None else int(num_hidden)
         if not 1 <= m <= dim:
             raise ValueError(f"num_hidden must be between 1 and dim={dim}, got {num_hidden}")
@@ -278,6 +276,8 @@ class SylvesterOrthogonal(_Sylvester):
     Args:
         dim: event size D.
         num_hidden: number of hidden units M ≤ D (default D).
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -288,8 +288,10 @@ class SylvesterOrthogonal(_Sylvester):
 
     """
 
-    def __init__(self, dim: int, num_hidden: int | None = None) -> None:
-        super().__init__(dim, num_hidden)
+    traceable = False  # the number of Björck iterations depends on the parameters
+
+    def __init__(self, dim: int, num_hidden: int | None = None, **context: Any) -> None:
+        super().__init__(dim, num_hidden, **context)
         self.add_raw_param("q", torch.eye(dim, self.num_hidden))
         #: Björck iterations used by the last call (a diagnostic).
         self.last_bjorck_iterations = 0
@@ -313,6 +315,8 @@ class SylvesterHouseholder(_Sylvester):
         dim: event size D.
         num_hidden: number of hidden units M ≤ D (default D).
         num_reflections: number H of reflections (default 8).
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -323,11 +327,9 @@ class SylvesterHouseholder(_Sylvester):
 
     """
 
-    def __init__(self, dim: int, num_hidden: int | None = None, num_reflections: int = 8) -> None:
-        super().__init__(dim, num_hidden)
-        if num_reflections < 1:
-            raise ValueError(f"num_reflections must be positive, got {num_reflections}")
-        self.add_raw_param("reflections", torch.randn(num_reflections, dim))
+    def __init__(self, dim: int, num_hidden: int | None = None, num_reflections: int = 8, **context: Any) -> None:
+        super().__init__(dim, num_hidden, **context)
+        self.add_raw_param("reflections", torch.randn(check_size(num_reflections, "num_reflections"), dim))
 
     def _basis(self, params: Mapping[str, Tensor]) -> Tensor:
         return householder_columns(params["reflections"], self.num_hidden)
@@ -337,8 +339,9 @@ class SylvesterHouseholder(_Sylvester):
 class SylvesterTriangular(_Sylvester):
     r"""Triangular Sylvester flow: :math:`Q` is a fixed permutation, the identity or the reversal (M = D).
 
-    Alternate ``reverse=False``/``True`` between stacked layers, as in the paper, so that the triangular
-    dependencies run both ways. No cost for :math:`Q` (an index gather, or nothing).
+    Stacks alternate the direction of the triangular dependencies, as in the paper: the stack builder inserts a
+    reversal between layers (:attr:`needs_permutation`), or set ``reverse`` by hand. No cost for :math:`Q` (an index
+    gather, or nothing).
 
     Map, log-det, parameterization and inverse: see :mod:`pyro_flows.transforms.sylvester` (van den Berg et al.
     2018, "Sylvester normalizing flows for variational inference"). Starts at the identity (:math:`R = 0`).
@@ -346,6 +349,8 @@ class SylvesterTriangular(_Sylvester):
     Args:
         dim: event size D.
         reverse: use the reversal permutation instead of the identity.
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -356,8 +361,10 @@ class SylvesterTriangular(_Sylvester):
 
     """
 
-    def __init__(self, dim: int, reverse: bool = False) -> None:
-        super().__init__(dim, dim)
+    needs_permutation = True
+
+    def __init__(self, dim: int, reverse: bool = False, **context: Any) -> None:
+        super().__init__(dim, dim, **context)
         self.reverse = bool(reverse)
 
     def _basis(self, params: Mapping[str, Tensor]) -> None:
@@ -375,72 +382,3 @@ class SylvesterTriangular(_Sylvester):
     def extra_repr(self) -> str:
         """Show the event shape and the permutation."""
         return f"{super().extra_repr()}, reverse={self.reverse}"
-
-
-@conditional_registry.register("sylvester_orthogonal")
-class ConditionalSylvesterOrthogonal(HyperConditionalFlow):
-    r"""Amortized :class:`SylvesterOrthogonal`: :math:`R, \tilde R, b` and raw :math:`Q` are :math:`\theta_0 + g(c)`.
-
-    As in the paper's amortized VAE setting; one hypernetwork forward and one batched Björck run per batch.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        num_hidden: number of hidden units M ≤ D (default D).
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    Example:
-        >>> import torch
-        >>> flow = ConditionalSylvesterOrthogonal(3, context_dim=2)
-        >>> flow.condition(torch.randn(5, 2))(torch.randn(5, 3)).shape
-        torch.Size([5, 3])
-
-    """
-
-    def __init__(
-        self, dim: int, context_dim: int, num_hidden: int | None = None, hidden_dims: Sequence[int] = (64,)
-    ) -> None:
-        super().__init__(SylvesterOrthogonal(dim, num_hidden), context_dim, hidden_dims, activation=nn.ELU)
-
-
-@conditional_registry.register("sylvester_householder")
-class ConditionalSylvesterHouseholder(HyperConditionalFlow):
-    r"""Amortized :class:`SylvesterHouseholder`: :math:`R, \tilde R, b` and the reflections are :math:`\theta_0 + g(c)`.
-
-    One hypernetwork forward and one batched :math:`Q` construction per batch.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        num_hidden: number of hidden units M ≤ D (default D).
-        num_reflections: number H of reflections.
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        context_dim: int,
-        num_hidden: int | None = None,
-        num_reflections: int = 8,
-        hidden_dims: Sequence[int] = (64,),
-    ) -> None:
-        template = SylvesterHouseholder(dim, num_hidden, num_reflections)
-        super().__init__(template, context_dim, hidden_dims, activation=nn.ELU)
-
-
-@conditional_registry.register("sylvester_triangular")
-class ConditionalSylvesterTriangular(HyperConditionalFlow):
-    r"""Amortized :class:`SylvesterTriangular`: :math:`R, \tilde R, b` are :math:`\theta_0 + g(c)`.
-
-    Args:
-        dim: event size D.
-        context_dim: context size.
-        reverse: use the reversal permutation.
-        hidden_dims: hidden widths of the hypernetwork ``g``.
-
-    """
-
-    def __init__(self, dim: int, context_dim: int, reverse: bool = False, hidden_dims: Sequence[int] = (64,)) -> None:
-        super().__init__(SylvesterTriangular(dim, reverse), context_dim, hidden_dims, activation=nn.ELU)
