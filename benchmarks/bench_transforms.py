@@ -30,7 +30,7 @@ PYRO_EQUIVALENTS: dict[str, tuple[str, Callable[[int], torch.distributions.Trans
     "iaf": ("affine_autoregressive", lambda d: T.affine_autoregressive(d)),
     "affine_coupling": ("affine_coupling", lambda d: T.affine_coupling(d)),
     "spline_coupling": ("spline_coupling", lambda d: T.spline_coupling(d)),
-    "spline_autoregressive": ("spline_autoregressive", lambda d: T.spline_autoregressive(d)),
+    "spline_iaf": ("spline_iaf", lambda d: T.spline_iaf(d)),
 }
 
 

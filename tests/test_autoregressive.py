@@ -10,25 +10,17 @@ import torch
 from torch.autograd.functional import jacobian
 
 from pyro_flows.transforms import (
-    ConditionalInverseAutoregressive,
-    ConditionalMaskedAutoregressive,
-    ConditionalSplineInverseAutoregressive,
-    ConditionalSplineMaskedAutoregressive,
     InverseAutoregressive,
     MaskedAutoregressive,
     SplineInverseAutoregressive,
     SplineMaskedAutoregressive,
+    conditional_registry,
 )
 from pyro_flows.transforms._splines import rational_quadratic_spline
 
 DIM = 5
 FLOWS = [InverseAutoregressive, MaskedAutoregressive, SplineInverseAutoregressive, SplineMaskedAutoregressive]
-CONDITIONAL = [
-    ConditionalInverseAutoregressive,
-    ConditionalMaskedAutoregressive,
-    ConditionalSplineInverseAutoregressive,
-    ConditionalSplineMaskedAutoregressive,
-]
+CONDITIONAL = [conditional_registry[name] for name in ("iaf", "maf", "spline_iaf", "spline_maf")]
 
 
 def _perturb(module: torch.nn.Module, scale: float = 0.5, seed: int = 0) -> torch.nn.Module:
@@ -43,7 +35,7 @@ def _perturb(module: torch.nn.Module, scale: float = 0.5, seed: int = 0) -> torc
 
 def _count_passes(flow: torch.nn.Module) -> list[int]:
     calls = [0]
-    made = flow.core.made
+    made = flow.made
     original = made.apply_weights
 
     def counted(*args: object, **kwargs: object) -> torch.Tensor:
@@ -60,7 +52,7 @@ def test_jacobian_is_triangular_in_the_flow_order(cls: type, order: object) -> N
     conditional = cls in CONDITIONAL
     flow = _perturb(cls(DIM, 3, hidden_dims=(16, 16), order=order) if conditional else cls(DIM, (16, 16), order=order))
     t = flow.condition(torch.randn(3, dtype=torch.float64)) if conditional else flow
-    rank = flow.core.made.degrees
+    rank = (flow.flow if conditional else flow).made.degrees
     for seed in range(3):
         torch.manual_seed(seed)
         x = 1.5 * torch.randn(DIM, dtype=torch.float64)
@@ -82,7 +74,7 @@ def test_fast_direction_is_one_pass_and_the_other_takes_num_passes(cls: type) ->
     x_rec = flow.inv(y)
     inverse_calls = passes[0]
     assert torch.allclose(x_rec, x, atol=1e-9)
-    num_passes = int(flow.core.made.num_passes)
+    num_passes = int(flow.made.num_passes)
     assert num_passes == DIM
     expected = (1, num_passes) if flow.fast_direction == "forward" else (num_passes, 1)
     assert (forward_calls, inverse_calls) == expected
@@ -91,7 +83,7 @@ def test_fast_direction_is_one_pass_and_the_other_takes_num_passes(cls: type) ->
 @pytest.mark.parametrize("cls", FLOWS, ids=lambda c: c.__name__)
 def test_narrow_made_inverts_exactly_with_fewer_passes(cls: type) -> None:
     flow = _perturb(cls(8, (2,)))
-    num_passes = int(flow.core.made.num_passes)
+    num_passes = int(flow.made.num_passes)
     assert num_passes < 8
     passes = _count_passes(flow)
     y = torch.randn(4, 8, dtype=torch.float64)
@@ -177,7 +169,7 @@ def test_spline_flow_round_trip_with_scaled_conditioner() -> None:
     for scale in (5.0, 10.0):
         flow = SplineMaskedAutoregressive(DIM, (16,)).double()
         with torch.no_grad():
-            out = flow.core.made.output
+            out = flow.made.output
             out.weight.normal_(0, scale / 4)
             out.bias.normal_(0, scale)
         y = 2 * torch.randn(50, DIM, dtype=torch.float64)
@@ -211,7 +203,7 @@ def test_spline_derivative_matches_autograd_and_is_continuous() -> None:
 
 
 def test_conditional_context_broadcasts_against_event_batch() -> None:
-    flow = _perturb(ConditionalMaskedAutoregressive(DIM, 3, hidden_dims=(16,)))
+    flow = _perturb(MaskedAutoregressive(DIM, hidden_dims=(16,), context_dim=3))
     c = torch.randn(4, 1, 3, dtype=torch.float64)
     y = torch.randn(2, DIM, dtype=torch.float64)
     t = flow.condition(c)
@@ -225,7 +217,7 @@ def test_conditional_context_broadcasts_against_event_batch() -> None:
 def test_random_order_is_saved_with_the_weights() -> None:
     a = InverseAutoregressive(DIM, (8,), order="random", generator=torch.Generator().manual_seed(1))
     b = InverseAutoregressive(DIM, (8,), order="random", generator=torch.Generator().manual_seed(2))
-    assert not torch.equal(a.core.made.degrees, b.core.made.degrees)
+    assert not torch.equal(a.made.degrees, b.made.degrees)
     b.load_state_dict(a.state_dict())
     x = torch.randn(3, DIM)
     assert torch.equal(a(x), b(x))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from pyro_flows.transforms.continuous import FFJORD, ConditionalFFJORD, ODENet
+from pyro_flows.transforms.continuous import FFJORD, ODENet
 
 pytest.importorskip("torchdiffeq")
 
@@ -30,7 +30,7 @@ def test_missing_torchdiffeq_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ImportError, match=r"pip install pyro-flows\[ffjord\]"):
         FFJORD(2)
     with pytest.raises(ImportError, match=r"pip install pyro-flows\[ffjord\]"):
-        ConditionalFFJORD(2, 3)
+        FFJORD(2, context_dim=3)
     with pytest.raises(ImportError, match=r"pip install pyro-flows\[ffjord\]"):
         flow(torch.randn(3, 2))
 
@@ -113,9 +113,7 @@ def test_adjoint_and_direct_backprop_agree(conditional: bool) -> None:
     grads = []
     for adjoint in (True, False):
         torch.manual_seed(0)
-        module = (
-            ConditionalFFJORD(3, 2, adjoint=adjoint, **kwargs) if conditional else FFJORD(3, adjoint=adjoint, **kwargs)
-        )
+        module = FFJORD(3, adjoint=adjoint, context_dim=2 if conditional else 0, **kwargs)
         module = perturb(module.double(), scale=1.0, seed=2)
         torch.manual_seed(3)
         x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)

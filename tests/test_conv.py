@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_flows.transforms import HyperConditionalFlow, image_registry
+from pyro_flows.transforms import image_registry
 from pyro_flows.transforms._utils import positive
 from pyro_flows.transforms.conv import EmergingConv2d, InvertibleConv1x1, Squeeze
 
@@ -50,7 +50,7 @@ def test_conv1x1_starts_at_a_channel_permutation() -> None:
 
 
 def test_conv1x1_can_be_amortized() -> None:
-    flow = perturb(HyperConditionalFlow(InvertibleConv1x1((3, 2, 2)), context_dim=2, hidden_dims=(8,)))
+    flow = perturb(InvertibleConv1x1((3, 2, 2), context_dim=2, context_hidden_dims=(8,)))
     c = torch.randn(4, 2, dtype=DTYPE)
     x = torch.randn(4, 3, 2, 2, dtype=DTYPE)
     t = flow.condition(c)

@@ -9,7 +9,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from pyro_flows.nn.lipschitz import LipschitzMLP, LipSwish, SpectralNormLinear
-from pyro_flows.transforms.residual import ConditionalResidual, FixedPointError, Residual
+from pyro_flows.transforms.residual import FixedPointError, Residual
 
 
 def perturb(module: torch.nn.Module, scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
@@ -122,7 +122,7 @@ def test_non_convergence_and_bad_values_raise_clear_errors() -> None:
         flow.inv(torch.randn(3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="non-finite"):
         flow.inv(torch.full((2, 5), float("nan"), dtype=torch.float64))
-    for kwargs in ({"coeff": 1.0}, {"log_det": "bogus"}, {"geom_p": 1.0}, {"inverse_tol": 1e-2}, {"n_samples": 0}):
+    for kwargs in ({"coeff": 1.0}, {"log_det": "bogus"}, {"geom_p": 1.0}, {"inverse_tol": 1e-2}, {"num_samples": 0}):
         with pytest.raises(ValueError):
             Residual(5, **kwargs)
 
@@ -140,8 +140,8 @@ def test_estimator_is_unbiased_for_the_log_det_and_its_gradient(conditional: boo
     """Mean of 300 estimates (50 probes each) vs the exact value: |mean - exact| < 5 standard errors."""
     torch.manual_seed(0)
     dim = 6
-    kwargs = {"hidden_dims": (16,), "coeff": 0.9, "log_det": "estimator", "n_exact_terms": 1, "geom_p": 0.5}
-    module = ConditionalResidual(dim, 2, **kwargs) if conditional else Residual(dim, **kwargs)
+    kwargs = {"hidden_dims": (16,), "coeff": 0.9, "log_det": "estimator", "num_exact_terms": 1, "geom_p": 0.5}
+    module = Residual(dim, context_dim=2 if conditional else 0, **kwargs)
     module = perturb(module.double(), scale=10.0, seed=3)
     flow = module.condition(torch.randn(2, dtype=torch.float64)) if conditional else module
     x = torch.randn(dim, dtype=torch.float64)
@@ -169,7 +169,7 @@ def test_estimator_is_unbiased_for_the_log_det_and_its_gradient(conditional: boo
 
 
 def test_conditional_context_enters_and_gradients_reach_it() -> None:
-    flow = perturb(ConditionalResidual(3, 2).double(), scale=1.0)
+    flow = perturb(Residual(3, context_dim=2).double(), scale=1.0)
     x = torch.randn(4, 3, dtype=torch.float64)
     c = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     t = flow.condition(c)

@@ -7,9 +7,6 @@ import torch
 from test_planar_radial import block_log_dets, check_flow, randomize
 
 from pyro_flows.transforms import (
-    ConditionalSylvesterHouseholder,
-    ConditionalSylvesterOrthogonal,
-    ConditionalSylvesterTriangular,
     SylvesterHouseholder,
     SylvesterOrthogonal,
     SylvesterTriangular,
@@ -28,9 +25,9 @@ VARIANTS = {
     "triangular_reverse": lambda d: SylvesterTriangular(d, reverse=True),
 }
 CONDITIONAL = {
-    "orthogonal": ConditionalSylvesterOrthogonal,
-    "householder": ConditionalSylvesterHouseholder,
-    "triangular": ConditionalSylvesterTriangular,
+    "orthogonal": SylvesterOrthogonal,
+    "householder": SylvesterHouseholder,
+    "triangular": SylvesterTriangular,
 }
 
 
@@ -45,7 +42,7 @@ def test_log_det_matches_autograd_at_random_parameters(variant: str, dim: int) -
 @pytest.mark.parametrize("variant", sorted(CONDITIONAL))
 @pytest.mark.parametrize("dim", DIMS)
 def test_conditional_log_det_matches_autograd_with_a_batch_of_contexts(variant: str, dim: int) -> None:
-    module = randomize(CONDITIONAL[variant](dim, context_dim=3, hidden_dims=(8,)), 0.5, 0)
+    module = randomize(CONDITIONAL[variant](dim, context_dim=3, context_hidden_dims=(8,)), 0.5, 0)
     check_flow(module.condition(torch.randn(4, 3, dtype=torch.float64)), torch.randn(4, dim, dtype=torch.float64))
 
 

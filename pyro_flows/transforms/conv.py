@@ -14,6 +14,7 @@ The two convolutions are registered in :data:`~pyro_flows.transforms.registry.im
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ class InvertibleConv1x1(ParametricFlow):
     * inverse (closed form): the 1×1 convolution with :math:`W^{-1} = U^{-1} L^{-1} P^\top`, formed by two
       C×C triangular solves per call, then O(C²) per pixel.
 
-    Starts at the channel permutation :math:`P`.
+    Starts at the channel permutation :math:`P`. Amortized with ``context_dim > 0`` (one matrix per context).
 
     Reference: D. P. Kingma & P. Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018.
 
@@ -72,6 +73,8 @@ class InvertibleConv1x1(ParametricFlow):
         event_shape: ``(C, H, W)``.
         permutation: ``"random"`` (default), ``"reverse"`` or explicit channel indices for :math:`P`.
         generator: random generator for the permutation.
+        **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
+            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
 
     Example:
         >>> import torch
@@ -83,16 +86,16 @@ class InvertibleConv1x1(ParametricFlow):
     """
 
     domain = codomain = _IMAGES
-    has_conditional = False
 
     def __init__(
         self,
         event_shape: Sequence[int],
         permutation: PermutationSpec = "random",
         generator: torch.Generator | None = None,
+        **context: Any,
     ) -> None:
         shape = image_event_shape(event_shape)
-        super().__init__(shape)
+        super().__init__(shape, **context)
         channels = shape[0]
         self.channels = channels
         perm = make_permutation(channels, permutation, generator)
@@ -220,6 +223,8 @@ class EmergingConv2d(ParametricFlow):
     def masked_kernels(self, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The effective kernels :math:`K_1, K_2` (masks and positive centre diagonals applied) and diagonals."""
         params = self.raw_params() if params is None else params
+        if params["kernel1"].dim() != 4:
+            raise ValueError("EmergingConv2d does not support batched (amortized) parameters")
         kernel1, diag1 = self._kernel(params["kernel1"], params["raw_diag1"], self.causal_mask)
         kernel2, diag2 = self._kernel(params["kernel2"], params["raw_diag2"], self.anti_causal_mask)
         return kernel1, kernel2, diag1, diag2

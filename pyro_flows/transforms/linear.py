@@ -256,13 +256,15 @@ class ConvexTriangular(ParametricFlow):
         if bias:
             self.add_raw_param("bias", torch.zeros(dim), amortized=False)
 
-    def weights(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """The convex weights :math:`w` (on the simplex), of shape ``batch + (K,)``."""
-        params = self.raw_params() if params is None else params
-        return torch.softmax(params["logits"], dim=-1)
+    def weights(self, context: Tensor | None = None) -> Tensor:
+        """The convex weights :math:`w` (or :math:`w(c)`) on the simplex, of shape ``context batch + (K,)``."""
+        if context is not None:
+            self.check_context(context)
+        return torch.softmax(self.raw_params(context)["logits"], dim=-1)
 
     def _matrix(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        packed = (self.weights(params).unsqueeze(-1) * params["lowers"]).sum(-2)
+        weights = torch.softmax(params["logits"], dim=-1)
+        packed = (weights.unsqueeze(-1) * params["lowers"]).sum(-2)
         diag = positive(params["raw_diag"]) if "raw_diag" in params else None
         ones = packed.new_ones(*packed.shape[:-1], self.dim)
         return tril_from_packed(packed, self.dim, ones if diag is None else diag.expand_as(ones)), diag
