@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyro_flows._validation import check_widths
+
 __all__ = ["Linearization", "LipSwish", "LipschitzMLP", "SpectralNormLinear"]
 
 #: Bound on the derivative of t ↦ t·sigmoid(t) (its maximum is ≈ 1.0998 at t ≈ 2.40).
@@ -213,7 +215,8 @@ class LipschitzMLP(nn.Module):
         context_features: int = 0,
     ) -> None:
         super().__init__()
-        if len(hidden_dims) == 0 or any(h < 1 for h in hidden_dims) or features < 1:
+        hidden_dims = check_widths(hidden_dims, "hidden_dims")
+        if len(hidden_dims) == 0 or features < 1:
             raise ValueError(f"need features ≥ 1 and one or more positive hidden widths, got {tuple(hidden_dims)}")
         if not 0.0 < coeff < 1.0:
             raise ValueError(f"coeff must be in (0, 1) for an invertible residual block, got {coeff}")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyro_flows._validation import check_widths
+
 __all__ = ["MADE", "MaskedLinear", "made_degrees"]
 
 Order = Literal["natural", "reverse", "random"] | Sequence[int] | Tensor
@@ -141,7 +143,7 @@ class MADE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        hidden_dims = tuple(int(h) for h in hidden_dims)
+        hidden_dims = check_widths(hidden_dims, "hidden_dims")
         if dim < 1 or num_params < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
             raise ValueError(
                 f"MADE sizes must be positive, got dim={dim}, num_params={num_params}, "

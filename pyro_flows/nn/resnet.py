@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from pyro_flows._validation import check_widths
+
 __all__ = ["ResidualNet"]
 
 
@@ -45,7 +47,7 @@ class ResidualNet(nn.Module):
         zero_last: bool = False,
     ) -> None:
         super().__init__()
-        hidden_dims = tuple(int(h) for h in hidden_dims)
+        hidden_dims = check_widths(hidden_dims, "hidden_dims")
         if in_features < 1 or out_features < 1 or context_dim < 0 or not hidden_dims or min(hidden_dims) < 1:
             raise ValueError(
                 f"ResidualNet sizes must be positive, got in={in_features}, out={out_features}, "

@@ -39,6 +39,8 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
+from pyro_flows._validation import check_size, check_widths
+
 Direction = Literal["forward", "inverse"]
 EventShape = int | Sequence[int]
 
@@ -115,20 +117,6 @@ def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> torch.Size:
             raise ValueError(f"shapes {a} and {b} do not broadcast")
         out.append(j if i == 1 else i)
     return torch.Size(out)
-
-
-def check_size(value: Any, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an ``int`` if it is an integer ``≥ minimum``, else raise a ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_widths(value: Any, name: str) -> tuple[int, ...]:
-    """Return hidden widths as a tuple of positive ints, or raise a ``ValueError`` naming the argument."""
-    if isinstance(value, int) or not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a sequence of positive integers (e.g. (64, 64)), got {value!r}")
-    return tuple(check_size(width, f"every entry of {name}") for width in value)
 
 
 class _OnePass:

@@ -46,7 +46,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from pyro_flows.transforms.base import Flow, check_size
+from pyro_flows._validation import check_size, check_widths
+from pyro_flows.transforms.base import Flow
 from pyro_flows.transforms.registry import registry
 
 __all__ = ["FFJORD", "ODENet"]
@@ -98,7 +99,8 @@ class ODENet(nn.Module):
 
     def __init__(self, dim: int, hidden_dims: Sequence[int] = (32, 32), context_dim: int = 0) -> None:
         super().__init__()
-        if len(hidden_dims) == 0 or any(h < 1 for h in hidden_dims):
+        hidden_dims = check_widths(hidden_dims, "hidden_dims")
+        if len(hidden_dims) == 0:
             raise ValueError(f"need one or more positive hidden widths, got {tuple(hidden_dims)}")
         self.dim = dim
         sizes = [dim + 1 + context_dim, *hidden_dims, dim]

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from pyro_flows._validation import check_size
 from pyro_flows.transforms._utils import (
     RAW_ONE,
     householder_product,
@@ -40,7 +41,7 @@ from pyro_flows.transforms._utils import (
     solve_triangular_vec,
     tril_from_packed,
 )
-from pyro_flows.transforms.base import Flow, ParametricFlow, check_size, expand_log_det
+from pyro_flows.transforms.base import Flow, ParametricFlow, expand_log_det
 from pyro_flows.transforms.registry import registry
 
 __all__ = [

@@ -62,7 +62,10 @@ class ConditionalFactory:
         self.__doc__ = f"Amortized :class:`~{family.__module__}.{family.__name__}` (see that class)."
         parameters = list(inspect.signature(family).parameters.values())
         context = inspect.Parameter("context_dim", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
-        rest = [p for p in parameters[1:] if p.name != "context_dim"]
+        rest = [p for p in parameters[1:] if p.name != "context_dim" and p.kind is not p.VAR_KEYWORD]
+        if any(p.kind is p.VAR_KEYWORD for p in parameters):  # ``**context`` forwarded to ParametricFlow
+            base = inspect.signature(ParametricFlow.__init__).parameters.values()
+            rest += [p for p in base if p.kind is p.KEYWORD_ONLY and p.name != "context_dim"]
         self.__signature__ = inspect.Signature([parameters[0], context, *rest])
 
     def __call__(self, dim: int, context_dim: int, **kwargs: Any) -> ConditionalFlow:

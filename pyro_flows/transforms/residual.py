@@ -49,8 +49,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from pyro_flows._validation import check_size
 from pyro_flows.nn.lipschitz import Linearization, LipschitzMLP
-from pyro_flows.transforms.base import Flow, check_size, expand_log_det
+from pyro_flows.transforms.base import Flow, expand_log_det
 from pyro_flows.transforms.registry import registry
 
 __all__ = ["FixedPointError", "Residual"]

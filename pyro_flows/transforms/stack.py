@@ -19,7 +19,8 @@ from typing import Any, Literal
 from torch import Tensor
 from torch.distributions import Transform
 
-from pyro_flows.transforms.base import Flow, check_size
+from pyro_flows._validation import check_size
+from pyro_flows.transforms.base import Flow
 from pyro_flows.transforms.linear import Permutation
 from pyro_flows.transforms.registry import factory_keywords, registry
 

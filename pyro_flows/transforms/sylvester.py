@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pyro_flows._validation import check_size
 from pyro_flows.transforms._utils import matvec
-from pyro_flows.transforms.base import ParametricFlow, check_size, expand_log_det
+from pyro_flows.transforms.base import ParametricFlow, expand_log_det
 from pyro_flows.transforms.planar import bracketed_newton
 from pyro_flows.transforms.registry import registry
 

@@ -1,0 +1,20 @@
+"""Argument checks shared by the whole package: a clear ``ValueError`` naming the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def check_size(value: Any, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an ``int`` if it is an integer ``≥ minimum``, else raise a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_widths(value: Any, name: str) -> tuple[int, ...]:
+    """Return hidden widths as a tuple of positive ints, or raise a ``ValueError`` naming the argument."""
+    if isinstance(value, int) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a sequence of positive integers (e.g. (64, 64)), got {value!r}")
+    return tuple(check_size(width, f"every entry of {name}") for width in value)
