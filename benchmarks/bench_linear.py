@@ -74,7 +74,7 @@ def run(device: str, quick: bool) -> list[dict]:
     for dim in (64, 784):
         for count in (4, 16):
             torch.manual_seed(0)
-            ours = _perturbed(Householder(dim, count=count)).to(device)
+            ours = _perturbed(Householder(dim, num_reflections=count)).to(device)
             theirs = T.Householder(dim, count_transforms=count).to(device)
             x = torch.randn(batch, dim, device=device)
             row = {"flow": "householder", "shape": f"({dim},)", "K": count, "batch": batch}

@@ -178,3 +178,27 @@ def test_context_batch_mismatch_is_a_clear_error() -> None:
         flow.condition(torch.full((4, 2), math.nan))
     with pytest.raises(ValueError, match="condition"):
         flow.flow(torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_empty_batch_gives_empty_outputs(name: str) -> None:
+    flow = registry[name](3)
+    y = flow(torch.zeros(0, 3))
+    assert y.shape == (0, 3) and flow.log_abs_det_jacobian(torch.zeros(0, 3), y).shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["planar", "sylvester_householder", "sylvester_triangular"])
+def test_non_finite_input_to_a_newton_inverse_is_named(name: str) -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        registry[name](3).inv(torch.full((2, 3), math.nan))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_numerically_singular_gated_inverse_raises_instead_of_returning_nan(dtype: torch.dtype) -> None:
+    flow = registry["iaf"](3, hidden_dims=(8,)).to(dtype)
+    with torch.no_grad():
+        flow.made.output.bias.fill_(-100.0)
+    y = flow(torch.randn(4, 3, dtype=dtype))
+    flow.clear_cache()
+    with pytest.raises(FloatingPointError, match="gated=False"):
+        flow.inv(y)

@@ -97,6 +97,12 @@ class _Autoregressive(Flow):
         log_det = w.new_zeros(())
         for _ in range(int(self.made.num_passes)):
             v, log_det = step(w, self.made.apply_weights(v, weights, context_term))
+        if not bool(torch.isfinite(v).all()) and bool(torch.isfinite(w).all()):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the sequential pass produced non-finite values from a finite input; the "
+                "map is numerically singular there (e.g. gate logits below ≈ -80 squash coordinates past the "
+                f"precision of {w.dtype}); use gated=False, float64 or smaller parameters"
+            )
         return v, log_det
 
     def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -52,6 +52,7 @@ def bracketed_newton(
         The roots and the number of iterations used.
 
     Raises:
+        ValueError: if ``start`` has non-finite values (the flow's input had NaN or ±inf).
         RuntimeError: if some element has not converged after ``max_iter`` iterations.
 
     Example:
@@ -64,6 +65,8 @@ def bracketed_newton(
 
     """
     with torch.no_grad():
+        if not bool(torch.isfinite(start).all()):
+            raise ValueError("the inverse got non-finite values (NaN or ±inf) in its input")
         shape = torch.broadcast_shapes(lower.shape, upper.shape, start.shape)
         lo, hi = lower.expand(shape).detach(), upper.expand(shape).detach()
         x = torch.minimum(torch.maximum(start.detach(), lo), hi)
@@ -158,7 +161,7 @@ class Planar(ParametricFlow):
         u_hat, s = self._u_hat(params["u"], w)
         if w.dim() == 1:
             flat = x.reshape(-1, self.dim)
-            act = torch.tanh(torch.addmv(params["bias"], flat, w))
+            act = torch.tanh(torch.addmv(params["bias"].expand(flat.shape[0]), flat, w))
             y = torch.addr(flat, act, u_hat).reshape(x.shape)
             act = act.reshape(x.shape[:-1])
         else:
