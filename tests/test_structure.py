@@ -202,3 +202,11 @@ def test_a_numerically_singular_gated_inverse_raises_instead_of_returning_nan(dt
     flow.clear_cache()
     with pytest.raises(FloatingPointError, match="gated=False"):
         flow.inv(y)
+
+
+@pytest.mark.parametrize("name", ["sylvester_orthogonal", "residual"])
+def test_tracing_a_data_dependent_flow_is_refused(name: str) -> None:
+    flow = registry[name](3)
+    with pytest.raises(RuntimeError, match="cannot be traced"):
+        torch.jit.trace(flow, torch.randn(2, 3), check_trace=False)
+

@@ -119,6 +119,20 @@ def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> torch.Size:
     return torch.Size(out)
 
 
+def check_traceable(flow: Flow) -> None:
+    """Refuse ``torch.jit.trace`` of a flow whose passes are data dependent (:attr:`Flow.traceable` is False).
+
+    Raises:
+        RuntimeError: naming the flow, while tracing.
+
+    """
+    if not flow.traceable and torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{type(flow).__name__} cannot be traced by torch.jit (its computation depends on the data, so a trace "
+            "would freeze it); use Trace_ELBO instead of JitTrace_ELBO, or another flow"
+        )
+
+
 class _OnePass:
     """The cached one-pass ``Transform`` protocol shared by :class:`Flow` and :class:`ConditionedFlow`."""
 
@@ -254,6 +268,7 @@ class Flow(_OnePass, TransformModule):
                 f"{type(self).__name__} is conditional (context_dim={self.context_dim}): use flow.condition(context)"
             )
         check_tensor(v, self.event_shape, self.reference_tensor(), type(self).__name__)
+        check_traceable(self)
         return (self._inverse_and_log_det if inverse else self._forward_and_log_det)(v, None)
 
     def _forward_and_log_det(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -377,6 +392,7 @@ class ConditionedFlow(_OnePass, Transform):
         flow = self.flow
         name = f"{type(flow).__name__} (conditioned)"
         check_tensor(v, self.event_shape, flow.reference_tensor(), name)
+        check_traceable(flow)
         n = len(self.event_shape)
         try:
             broadcast_shape(v.shape[: v.dim() - n], self.context.shape[:-1])
