@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -12,6 +14,7 @@ from torch import nn
 
 from pyro_flows.guides.amortized import AmortizedFlowGuide
 from pyro_flows.transforms import conditional_registry
+from pyro_flows.transforms.linear import Permutation
 
 DATA, HIDDEN, LATENT = 4, 6, 3
 VAE_FLOWS = (
@@ -88,7 +91,9 @@ def test_every_vae_flow_works_with_vectorized_particles(flow: str) -> None:
     z1 = q_all.sample((2,))
     lp_all = q_all.log_prob(z1)
     lp_one = torch.stack([guide.posterior(x[i : i + 1]).log_prob(z1[:, i : i + 1])[:, 0] for i in range(5)], -1)
-    assert torch.allclose(lp_all, lp_one, atol=1e-4)
+    # Björck orthonormalization stops when the whole batch is orthonormal to float32 round-off (~1e-5 per entry)
+    atol = 1e-3 if flow == "sylvester_orthogonal" else 1e-4
+    assert torch.allclose(lp_all, lp_one, atol=atol)
 
 
 def test_log_prob_of_own_samples_equals_recomputed_log_prob() -> None:
@@ -137,32 +142,63 @@ def test_subsampling_plate_shares_indices_with_the_model() -> None:
     assert torch.isfinite(torch.tensor(Trace_ELBO().loss(subsampled_model, guide, data)))
 
 
-def test_autoregressive_families_get_permutations_between_layers() -> None:
+def test_permutation_rule_between_blocks() -> None:
     h = torch.randn(2, HIDDEN)
     tri = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="triangular", num_flows=3)
-    assert len(tri.transforms(h)) == 5
+    assert len(tri.flows) == len(tri.transforms(h)) == 5
+    assert isinstance(tri.transforms(h)[1], Permutation)
     aff = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="elementwise_affine", num_flows=3)
     assert len(aff.transforms(h)) == 3
-    assert len(AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="triangular", num_flows=3, permute=False).flows) == 3
+    assert (
+        len(AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="triangular", num_flows=3, permutation=None).flows) == 3
+    )
 
 
-def test_ready_made_conditional_flows_are_used_as_given() -> None:
-    layers = [conditional_registry["elementwise_affine"](LATENT, HIDDEN) for _ in range(2)]
+def test_a_block_is_repeated_num_flows_times() -> None:
+    guide = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow=("householder", "triangular"), num_flows=2)
+    kinds = [type(layer).__name__ for layer in guide.flows]
+    assert kinds == ["Householder", "Triangular", "Permutation", "Householder", "Triangular"]
+
+
+@pytest.mark.parametrize("latent", [4, 5])
+def test_coupling_moves_every_coordinate(latent: int) -> None:
+    guide = AmortizedFlowGuide(encoder(), HIDDEN, latent, flow="affine_coupling", num_flows=4)
+    perturb(guide)
+    h = guide.encode(torch.randn(50, DATA))[2]
+    z0 = torch.randn(50, latent)
+    z = z0
+    for transform in guide.transforms(h):
+        z = transform(z)
+    assert ((z - z0).abs().amax(0) > 1e-3).all()
+
+
+def test_ready_made_layers_are_used_as_given() -> None:
+    layers = [conditional_registry["elementwise_affine"](LATENT, HIDDEN), Permutation(LATENT)]
+    layers.append(conditional_registry["lu"](LATENT, HIDDEN).flow)
     guide = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow=layers)
     assert list(guide.flows) == layers
+    assert math.isfinite(Trace_ELBO().loss(model, guide, torch.randn(3, DATA)))
     with pytest.raises(ValueError, match="event shape"):
         AmortizedFlowGuide(encoder(), HIDDEN, LATENT + 1, flow=layers)
-    with pytest.raises(TypeError, match="not a mixture"):
+    with pytest.raises(TypeError, match="registry names"):
         AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow=[layers[0], "lu"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="num_flows"):
+        AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow=layers, num_flows=2)
 
 
 def test_bad_configuration_and_inputs_raise_clear_errors() -> None:
     with pytest.raises(KeyError, match="registered flows are"):
         AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="no_such_flow")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="context_dim"):
         AmortizedFlowGuide(encoder(), 0, LATENT)
+    with pytest.raises(TypeError, match="hiden_dims"):
+        AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", flow_kwargs={"hiden_dims": (8,)})
+    with pytest.raises(ValueError, match="context_hidden_dims"):
+        AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="planar", flow_kwargs={"context_hidden_dims": 8})
+    with pytest.raises(TypeError, match="gated"):
+        AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow_kwargs={"gated": False})
     with pytest.raises(ValueError, match="num_flows"):
-        AmortizedFlowGuide(encoder(), HIDDEN, LATENT, num_flows=-1)
+        AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="planar", num_flows=-1)
     bad = AmortizedFlowGuide(nn.Linear(DATA, HIDDEN + 1), HIDDEN, LATENT)
     with pytest.raises(ValueError, match="encoder must return"):
         bad.posterior(torch.randn(3, DATA))

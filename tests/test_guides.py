@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_median, init_to_value
 from pyro.optim import Adam, ClippedAdam
+from torch import nn
 
-from pyro_flows.guides import PRESETS, AutoFlow, AutoIAF, AutoSylvester
-from pyro_flows.transforms import registry
+from pyro_flows.guides import (
+    PRESETS,
+    AmortizedFlowGuide,
+    AutoFlow,
+    AutoHouseholder,
+    AutoIAF,
+    AutoPlanar,
+    AutoSylvester,
+    flow_optim_args,
+)
+from pyro_flows.transforms import conditional_registry, registry
+from pyro_flows.transforms.linear import Permutation
+from pyro_flows.transforms.stack import build_flows
 
 # Families each preset needs (a preset is tested once its family is registered).
 PRESET_FAMILIES = {
@@ -150,6 +168,8 @@ def test_argument_errors():
         AutoFlow(constrained_model, num_flows=-2)
     with pytest.raises(TypeError, match="flow must be"):
         AutoFlow(constrained_model, flow=3)
+    with pytest.raises(TypeError, match="transform modules"):
+        AutoFlow(constrained_model, flow=lambda dim: [torch.distributions.transforms.ExpTransform()])(DATA)
     if "sylvester_householder" in registry:
         with pytest.raises(ValueError, match="kind"):
             AutoSylvester(constrained_model, kind="diagonal")
@@ -260,7 +280,7 @@ def test_affine_iaf_recovers_the_funnel():
     kl = {}
     for label, make in (
         ("normal", lambda: AutoNormal(funnel)),
-        ("affine iaf", lambda: AutoIAF(funnel, num_flows=4, gated=False, flow_lr_scale=1.0)),
+        ("affine iaf", lambda: AutoIAF(funnel, num_flows=4, gated=False)),
     ):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
@@ -297,17 +317,21 @@ def test_block_for_local_latents_with_guide_list():
     assert torch.isfinite(torch.tensor(svi.step(DATA)))
 
 
-def test_flow_lr_scale_reparameterizes_flow_parameters():
-    guide = AutoFlow(constrained_model, flow="triangular", flow_lr_scale=0.1)
-    guide(DATA)
-    layer = guide.flows[0]
-    stored = layer.parametrizations["raw_diag"].original
-    assert torch.allclose(layer.raw_diag, 0.1 * stored)
-    plain = AutoFlow(constrained_model, flow="triangular", flow_lr_scale=1.0)
-    plain(DATA)
-    assert not hasattr(plain.flows[0], "parametrizations")
+def test_flow_optim_args_gives_the_flows_a_scaled_learning_rate():
+    guide = AutoIAF(constrained_model)
+    optim = Adam(flow_optim_args(0.01, 0.1))
+    svi = SVI(constrained_model, guide, optim, Trace_ELBO())
+    svi.step(DATA)
+    store = pyro.get_param_store()
+    rates = {store.param_name(p): optim.optim_objs[p].param_groups[0]["lr"] for p in optim.optim_objs}
+    flow_rates = {name: lr for name, lr in rates.items() if "flows$$$" in name}
+    base_rates = {name: lr for name, lr in rates.items() if name not in flow_rates}
+    assert len(flow_rates) == sum(1 for _ in guide.flows.parameters())
+    assert list(flow_rates.values()) == pytest.approx([0.01 * 0.1] * len(flow_rates))
+    assert set(base_rates) == {"AutoIAF.loc", "AutoIAF.scale"} and set(base_rates.values()) == {0.01}
+    assert flow_optim_args(0.02, 0.5, betas=(0.9, 0.9))("AutoIAF.flows.0.bias") == {"betas": (0.9, 0.9), "lr": 0.01}
     with pytest.raises(ValueError, match="flow_lr_scale"):
-        AutoFlow(constrained_model, flow_lr_scale=0.0)
+        flow_optim_args(0.01, 0.0)
 
 
 def logistic_model(x, y):
@@ -318,7 +342,7 @@ def logistic_model(x, y):
 
 @pytest.mark.parametrize("name", [n for n in ("AutoIAF", "AutoSylvester") if n in AVAILABLE])
 def test_quality_not_worse_than_autonormal(name):
-    """Small-budget version of the benchmark bar: a 20-d logistic regression, 300 Adam steps at lr 0.01."""
+    """Small-budget version of the benchmark bar: 20-d logistic regression, 300 Adam steps at lr 0.01 (flows 0.001)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(200, 20, generator=generator)
     y = torch.bernoulli(torch.sigmoid(x @ (0.5 * torch.randn(20, generator=generator))), generator=generator)
@@ -328,9 +352,195 @@ def test_quality_not_worse_than_autonormal(name):
         pyro.clear_param_store()
         pyro.set_rng_seed(1)
         guide = make(logistic_model)
-        svi = SVI(logistic_model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+        svi = SVI(logistic_model, guide, Adam(flow_optim_args(0.01, 0.1)), Trace_ELBO())
         for _ in range(300):
             svi.step(x, y)
         with torch.no_grad():
             results[label] = -elbo.loss(logistic_model, guide, x, y)
     assert results[name] >= results["normal"] - 1.0
+
+
+# ------------------------------------------------------------------------------- one stack builder, one spec
+def vector_model() -> None:
+    """Five real latents (an odd dimension: coupling layers cannot split it in equal halves)."""
+    pyro.sample("x", dist.Normal(torch.zeros(5), 1.0).to_event(1))
+
+
+def never_called(*args: object) -> None:
+    raise AssertionError("the model must not run at construction")
+
+
+def perturb(module: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("flow", ["affine_coupling", "spline_coupling"])
+def test_coupling_in_odd_dimension_moves_every_coordinate(flow):
+    guide = AutoFlow(vector_model, flow=flow, num_flows=2)
+    guide()
+    perturb(guide.flows)
+    eps = torch.randn(100, 5)
+    u = eps
+    for layer in guide.flows:
+        u = layer(u)
+    assert ((u - eps).abs().amax(0) > 1e-3).all()
+
+
+SPECS = [name for name in registry if name != "permutation"] + [("lu", "leaky_relu"), ("elementwise_affine", "iaf")]
+
+
+@pytest.mark.parametrize("flow", SPECS, ids=str)
+def test_same_spec_gives_the_same_layers_in_every_consumer(flow):
+    def model() -> None:
+        pyro.sample("x", dist.Normal(torch.zeros(4), 1.0).to_event(1))
+
+    guide = AutoFlow(model, flow=flow, num_flows=2)
+    guide()
+    layers = [type(layer) for layer in guide.flows]
+    assert layers == [type(layer) for layer in build_flows(flow, 4, 2)]
+    names = [flow] if isinstance(flow, str) else flow
+    if all(name in conditional_registry for name in names):
+        amortized = AmortizedFlowGuide(nn.Linear(3, 2), 2, 4, flow=flow, num_flows=2)
+        assert [type(layer) for layer in amortized.flows] == layers
+
+
+def test_permutation_rule():
+    for guide, permutations in (
+        (AutoIAF(vector_model, num_flows=3), 2),
+        (AutoIAF(vector_model, num_flows=3, permutation=None), 0),
+        (AutoPlanar(vector_model, num_flows=3), 0),
+        (AutoPlanar(vector_model, num_flows=3, permutation="reverse"), 2),
+    ):
+        guide()
+        assert sum(isinstance(f, Permutation) for f in guide.flows) == permutations
+
+
+def test_options_are_checked_at_construction():
+    with pytest.raises(TypeError, match="hiden_dims"):
+        AutoFlow(never_called, hiden_dims=(8,))
+    with pytest.raises(TypeError, match="hidden_dims"):
+        AutoPlanar(never_called, hidden_dims=(8,))
+    with pytest.raises(ValueError, match="hidden_dims"):
+        AutoIAF(never_called, hidden_dims=64)
+    with pytest.raises(ValueError, match="hidden_dims"):
+        AutoIAF(never_called, hidden_dims=(16, -2))
+    with pytest.raises(ValueError, match="gate_bias"):
+        AutoIAF(never_called, gated=False, gate_bias=2.0)
+    with pytest.raises(TypeError, match="context_hidden_dims"):
+        AutoPlanar(never_called, context_hidden_dims=(8,))
+    with pytest.raises(TypeError, match="context_dim"):
+        AutoFlow(never_called, flow="planar", context_dim=3)
+    with pytest.raises(ValueError, match="permutation"):
+        AutoFlow(never_called, permutation="sometimes")
+    with pytest.raises(TypeError, match="flow"):
+        AutoIAF(never_called, flow="planar")
+    for given in ({"num_flows": 2}, {"permutation": None}, {"hidden_dims": (8,)}):
+        with pytest.raises(TypeError, match=next(iter(given))):
+            AutoFlow(never_called, flow=lambda dim: [registry["lu"](dim)], **given)
+    with pytest.warns(UserWarning, match="diagonal Gaussian"):
+        AutoFlow(never_called, num_flows=0)
+
+
+def test_checking_options_leaves_the_random_state_alone():
+    generator = torch.Generator().manual_seed(3)
+    state, before = generator.get_state(), torch.get_rng_state()
+    AutoIAF(never_called, generator=generator, order="random")
+    assert torch.equal(generator.get_state(), state) and torch.equal(torch.get_rng_state(), before)
+
+
+def test_dimension_sized_options_are_checked_against_the_model():
+    if "sylvester_householder" not in registry:
+        pytest.skip("sylvester not registered")
+    guide = AutoSylvester(vector_model, num_hidden=4)
+    assert guide()["x"].shape == (5,)
+    with pytest.raises(ValueError, match="num_hidden"):
+        AutoSylvester(vector_model, num_hidden=7)()
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_presets_accept_every_autoflow_argument(name):
+    guide = PRESETS[name](vector_model, num_flows=2, init_loc_fn=init_to_median, init_scale=0.3, permutation=None)
+    guide()
+    assert torch.allclose(guide.scale, torch.full((5,), 0.3))
+    assert not any(isinstance(layer, Permutation) for layer in guide.flows)
+    assert len(guide.flows) == 2 * (2 if name == "AutoHouseholder" else 1)
+
+
+def test_householder_preset_blocks_and_options():
+    guide = AutoHouseholder(vector_model, num_flows=3, num_reflections=4, init_scale=0.2)
+    guide()
+    kinds = [type(layer).__name__ for layer in guide.flows]
+    assert kinds == ["ElementwiseAffine", "Householder"] * 3
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def trained(name: str) -> AutoFlow:
+    guide = PRESETS[name](constrained_model)
+    svi = SVI(constrained_model, guide, Adam(flow_optim_args(0.01)), Trace_ELBO())
+    for _ in range(2):
+        svi.step(DATA)
+    return guide
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_pickle_deepcopy_and_state_dict_round_trips(name):
+    guide = trained(name)
+    median = guide.median(DATA)
+    for clone in (pickle.loads(pickle.dumps(guide)), copy.deepcopy(guide)):
+        assert all(torch.equal(clone.median(DATA)[k], v) for k, v in median.items())
+    fresh = PRESETS[name](constrained_model)
+    fresh(DATA)
+    fresh.load_state_dict(guide.state_dict())
+    assert all(torch.allclose(fresh.median(DATA)[k], v) for k, v in median.items())
+
+
+def test_torch_save_whole_guides_reload_in_a_fresh_process(tmp_path):
+    expected = {}
+    for name in AVAILABLE:
+        guide = trained(name)
+        torch.save(guide, tmp_path / f"{name}.pt")
+        expected[name] = guide.median(DATA)["loc"].item()
+    here = Path(__file__).resolve().parent
+    script = (
+        f"import sys, torch; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]\n"
+        f"import {constrained_model.__module__}\n"
+        f"data = torch.tensor({DATA.tolist()})\n"
+        f"for name in {AVAILABLE!r}:\n"
+        f"    guide = torch.load({str(tmp_path)!r} + f'/{{name}}.pt', weights_only=False)\n"
+        "    print(name, repr(guide.median(data)['loc'].item()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    reloaded = dict(line.split() for line in result.stdout.splitlines())
+    assert {name: float(value) for name, value in reloaded.items()} == pytest.approx(expected)
+
+
+def test_loading_a_checkpoint_of_other_settings_names_the_mismatch():
+    guide = AutoIAF(vector_model, num_flows=2, hidden_dims=(8,))
+    guide()
+    state = guide.state_dict()
+    assert state["_extra_state"]["flow_kwargs"] == {"hidden_dims": (8,)}
+    for other, mismatch in (
+        (AutoIAF(vector_model, num_flows=3, hidden_dims=(8,)), "num_flows"),
+        (AutoIAF(vector_model, num_flows=2, hidden_dims=(8, 8)), "flow_kwargs"),
+        (AutoIAF(vector_model, num_flows=2, hidden_dims=(8,), permutation=None), "permutation"),
+        (AutoFlow(vector_model, flow="maf", num_flows=2, hidden_dims=(8,)), "flow"),
+    ):
+        other()
+        with pytest.raises(ValueError, match=f"{mismatch}: .* in the checkpoint"):
+            other.load_state_dict(state)
+    same = AutoIAF(vector_model, num_flows=2, hidden_dims=[8])
+    same()
+    same.load_state_dict(state)
+
+
+def test_tracing_an_untraceable_flow_names_it():
+    if "residual" not in registry:
+        pytest.skip("residual not registered")
+    guide = AutoFlow(constrained_model, flow="residual", num_flows=1)
+    svi = SVI(constrained_model, guide, Adam({"lr": 0.01}), JitTrace_ELBO(ignore_jit_warnings=True))
+    with pytest.raises(NotImplementedError, match=r"\['Residual'\].*Trace_ELBO"):
+        svi.step(DATA)

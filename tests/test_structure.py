@@ -209,4 +209,3 @@ def test_tracing_a_data_dependent_flow_is_refused(name: str) -> None:
     flow = registry[name](3)
     with pytest.raises(RuntimeError, match="cannot be traced"):
         torch.jit.trace(flow, torch.randn(2, 3), check_trace=False)
-

@@ -1,6 +1,8 @@
 """Flow autoguides for Pyro models: :class:`AutoFlow`, per-family presets and :class:`AmortizedFlowGuide` (VAEs).
 
-Example:
+Train them with the flows at a fraction of the base's learning rate from a cold start: :func:`flow_optim_args`.
+
+Examples:
     >>> import pyro, pyro.distributions as dist, torch
     >>> from pyro_flows.guides import AutoFlow
     >>> def model():
@@ -11,51 +13,12 @@ Example:
 
 """
 
+from pyro_flows.guides import presets
 from pyro_flows.guides.amortized import AmortizedFlowGuide
-from pyro_flows.guides.autoflow import AutoFlow, FlowSpec
-from pyro_flows.guides.presets import (
-    AutoConvexTriangular,
-    AutoFFJORD,
-    AutoHouseholder,
-    AutoIAF,
-    AutoMAF,
-    AutoPlanar,
-    AutoRadial,
-    AutoResidual,
-    AutoSplineCoupling,
-    AutoSylvester,
-)
+from pyro_flows.guides.autoflow import AutoFlow, FlowSpec, flow_optim_args
+from pyro_flows.guides.presets import *  # noqa: F403
 
-#: Every preset class by name (their families must be registered to build them).
-PRESETS = {
-    cls.__name__: cls
-    for cls in (
-        AutoIAF,
-        AutoMAF,
-        AutoPlanar,
-        AutoRadial,
-        AutoSylvester,
-        AutoHouseholder,
-        AutoConvexTriangular,
-        AutoSplineCoupling,
-        AutoResidual,
-        AutoFFJORD,
-    )
-}
+#: Every preset class by name, in the order of :mod:`pyro_flows.guides.presets`.
+PRESETS: dict[str, type[AutoFlow]] = {cls.__name__: cls for cls in presets._Preset.__subclasses__()}
 
-__all__ = [
-    "PRESETS",
-    "AmortizedFlowGuide",
-    "AutoConvexTriangular",
-    "AutoFFJORD",
-    "AutoFlow",
-    "AutoHouseholder",
-    "AutoIAF",
-    "AutoMAF",
-    "AutoPlanar",
-    "AutoRadial",
-    "AutoResidual",
-    "AutoSplineCoupling",
-    "AutoSylvester",
-    "FlowSpec",
-]
+__all__ = ["PRESETS", "AmortizedFlowGuide", "AutoFlow", "FlowSpec", "flow_optim_args", *presets.__all__]

@@ -12,11 +12,11 @@ For a model with one local latent vector per data point, :math:`z_n \sim p(z)`, 
     \right|,
 
 where :math:`e_\phi` is a user-supplied encoder network, :math:`\mu = W_\mu h + b_\mu`,
-:math:`\sigma = \mathrm{softplus}(W_\sigma h + b_\sigma) + \sigma_{\min}`, and the :math:`f_k` are conditional flows
-of :data:`~pyro_flows.transforms.conditional_registry` conditioned on the encoder state :math:`h` (the set-up of the
-planar / Householder / IAF / ccLinIAF / Sylvester VAE papers: Rezende & Mohamed 2015; Tomczak & Welling 2016, 2017;
-Kingma et al. 2016; van den Berg et al. 2018). Sampling :math:`z` and scoring it costs one encoder pass plus one
-forward pass of each flow: the log-dets are cached with the sample, so no flow is inverted.
+:math:`\sigma = \mathrm{softplus}(W_\sigma h + b_\sigma) + \sigma_{\min}`, and the :math:`f_k` are the flows of
+:func:`~pyro_flows.transforms.stack.build_flows` built with a context, conditioned on the encoder state :math:`h` (the
+set-up of the planar / Householder / IAF / ccLinIAF / Sylvester VAE papers: Rezende & Mohamed 2015; Tomczak &
+Welling 2016, 2017; Kingma et al. 2016; van den Berg et al. 2018). Sampling :math:`z` and scoring it costs one
+encoder pass plus one forward pass of each flow: the log-dets are cached with the sample, so no flow is inverted.
 
 The guide is a plain Pyro guide: it opens the model's data plate (so Pyro scales the ELBO of a minibatch by
 ``full_size / batch_size``) and samples the latent site inside it, and it works with
@@ -36,14 +36,10 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 from torch.nn import functional as F
 
-from pyro_flows.transforms.base import ConditionalFlow
-from pyro_flows.transforms.registry import conditional_registry, registry
+from pyro_flows.transforms.base import ConditionalFlow, Flow, check_size
+from pyro_flows.transforms.stack import FlowSpec, PermutationRule, build_flows, condition_flows
 
 __all__ = ["AmortizedFlowGuide"]
-
-#: Conditional families whose layers are autoregressive in a fixed order: by default a reversal permutation is
-#: inserted between consecutive layers so that every coordinate is eventually conditioned on every other.
-AUTOREGRESSIVE_FAMILIES = frozenset({"iaf", "maf", "convex_triangular", "triangular", "sylvester_triangular"})
 
 
 class AmortizedFlowGuide(nn.Module):
@@ -61,24 +57,39 @@ class AmortizedFlowGuide(nn.Module):
     The model must declare the same plate (same name, same size) around its latent site ``site`` with event
     shape ``(latent_dim,)``.
 
+    The flows are the stack of :func:`~pyro_flows.transforms.stack.build_flows` with ``context_dim``: the same
+    spec gives the same layers as :class:`~pyro_flows.guides.AutoFlow` (``flow`` is one block repeated
+    ``num_flows`` times, with the reversal permutations of the ``permutation`` rule in between), each layer
+    conditioned on the encoder state. Their parameters are named ``...flows...``, so
+    :func:`~pyro_flows.guides.flow_optim_args` gives them their own learning rate.
+
     Args:
-        encoder: network mapping ``x`` of shape ``(B, ...)`` to the state ``h`` of shape ``(B, hidden_dim)``.
-        hidden_dim: size of ``h`` (the flows' context size).
+        encoder: network mapping ``x`` of shape ``(B, ...)`` to the state ``h`` of shape ``(B, context_dim)``.
+        context_dim: size of ``h`` (the flows' context size).
         latent_dim: size D of the latent vector.
-        flow: a registered conditional flow name (``"planar"``, ``"iaf"``, ...), a sequence of names (applied in
-            order, each ``num_flows`` times round-robin), ``None``/``"none"`` for the plain Gaussian guide, or a
-            sequence of ready-made :class:`~pyro_flows.transforms.base.ConditionalFlow` modules (used as given).
-        num_flows: number of flow layers built from names.
-        flow_kwargs: keyword arguments of every flow factory (``factory(latent_dim, hidden_dim, **flow_kwargs)``).
-        permute: insert a fixed reversal permutation between consecutive layers; ``None`` (default) does so only
-            for autoregressive families (IAF, MAF, triangular ones).
+        flow: a registered flow name (``"planar"``, ``"iaf"``, ...) or a block of names (repeated ``num_flows``
+            times), ``None``/``"none"`` for the plain Gaussian guide (whatever ``num_flows``), or a sequence of
+            ready-made layers used as given: :class:`~pyro_flows.transforms.base.ConditionalFlow` modules or
+            :class:`~pyro_flows.transforms.base.Flow` s with this ``context_dim`` (or unconditional ones such as
+            permutations).
+        num_flows: number of blocks built from names (default 1); not with ready-made layers.
+        flow_kwargs: options of the families of the block (each goes to every family that accepts it; unknown
+            ones raise a ``TypeError`` naming them); not with ready-made layers or ``flow=None``.
+        permutation: the permutation rule between blocks (``"auto"``: a reversal where a family of the block needs
+            one: autoregressive, coupling, triangular; ``"reverse"``, ``"random"`` or ``None``).
         site: name of the latent sample site.
         plate_name: name of the data plate.
         subsample_size: if set, ``x`` is the whole data set and the plate subsamples it (see above).
         min_scale: lower bound :math:`\sigma_{\min}` added to the softplus scale (keeps :math:`\log q` finite).
         name: name under which the module's parameters enter Pyro's param store.
 
-    Example:
+    Raises:
+        KeyError: an unknown family.
+        TypeError: a bad ``flow`` or option, or options or a ``permutation`` where no layers are built from names
+            (``num_flows`` too for ready-made layers).
+        ValueError: a bad size, option value, or ready-made layer of the wrong shape or context size.
+
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> from torch import nn
         >>> from pyro_flows.guides.amortized import AmortizedFlowGuide
@@ -86,7 +97,9 @@ class AmortizedFlowGuide(nn.Module):
         ...     with pyro.plate("data", full_size or len(x), subsample=torch.arange(len(x))):
         ...         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
         ...         pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
-        >>> guide = AmortizedFlowGuide(nn.Linear(1, 8), 8, 2, flow="elementwise_affine", num_flows=2)
+        >>> guide = AmortizedFlowGuide(nn.Linear(1, 8), 8, 2, flow="affine_coupling", num_flows=2)
+        >>> [type(layer).__name__ for layer in guide.flows]
+        ['AffineCoupling', 'Permutation', 'AffineCoupling']
         >>> elbo = pyro.infer.Trace_ELBO(num_particles=3, vectorize_particles=True)
         >>> loss = elbo.loss(model, guide, torch.randn(5, 1), full_size=100)
         >>> guide.posterior(torch.randn(5, 1)).sample((4,)).shape
@@ -97,12 +110,12 @@ class AmortizedFlowGuide(nn.Module):
     def __init__(
         self,
         encoder: nn.Module,
-        hidden_dim: int,
+        context_dim: int,
         latent_dim: int,
-        flow: str | Sequence[str] | Sequence[ConditionalFlow] | None = None,
-        num_flows: int = 1,
+        flow: FlowSpec | Sequence[Flow | ConditionalFlow] | None = None,
+        num_flows: int | None = None,
         flow_kwargs: Mapping[str, Any] | None = None,
-        permute: bool | None = None,
+        permutation: PermutationRule = "auto",
         site: str = "z",
         plate_name: str = "data",
         subsample_size: int | None = None,
@@ -110,77 +123,72 @@ class AmortizedFlowGuide(nn.Module):
         name: str = "amortized_guide",
     ) -> None:
         super().__init__()
-        if hidden_dim < 1 or latent_dim < 1:
-            raise ValueError(f"hidden_dim and latent_dim must be positive, got {hidden_dim} and {latent_dim}")
-        if num_flows < 0:
-            raise ValueError(f"num_flows must be non-negative, got {num_flows}")
-        if subsample_size is not None and subsample_size < 1:
-            raise ValueError(f"subsample_size must be a positive integer, got {subsample_size}")
+        self.context_dim = check_size(context_dim, "context_dim")
+        self.latent_dim = check_size(latent_dim, "latent_dim")
+        if subsample_size is not None:
+            check_size(subsample_size, "subsample_size")
         if min_scale < 0:
             raise ValueError(f"min_scale must be non-negative, got {min_scale}")
         self.encoder = encoder
-        self.hidden_dim = int(hidden_dim)
-        self.latent_dim = int(latent_dim)
-        self.loc_head = nn.Linear(hidden_dim, latent_dim)
-        self.scale_head = nn.Linear(hidden_dim, latent_dim)
+        self.loc_head = nn.Linear(self.context_dim, self.latent_dim)
+        self.scale_head = nn.Linear(self.context_dim, self.latent_dim)
         self.site = site
         self.plate_name = plate_name
         self.subsample_size = subsample_size
         self.min_scale = float(min_scale)
         self.name = name
-        layers, names = self._build_flows(flow, num_flows, dict(flow_kwargs or {}))
-        if permute is None:
-            permute = any(n in AUTOREGRESSIVE_FAMILIES for n in names)
-        self.flows = nn.ModuleList(layers)
-        self.permute = bool(permute) and len(layers) > 1
-        self.permutation = registry["permutation"](latent_dim, "reverse") if self.permute else None
+        self.flows = nn.ModuleList(self._build_flows(flow, num_flows, dict(flow_kwargs or {}), permutation))
 
     def _build_flows(
-        self, flow: str | Sequence[str] | Sequence[ConditionalFlow] | None, num_flows: int, kwargs: dict[str, Any]
-    ) -> tuple[list[ConditionalFlow], list[str]]:
-        if flow is None or flow == "none":
-            return [], []
-        if isinstance(flow, str):
-            flow = [flow]
-        flow = list(flow)
-        if not flow:
-            return [], []
-        if all(isinstance(f, str) for f in flow):
-            names = [flow[i % len(flow)] for i in range(num_flows)]
-            layers = [conditional_registry[n](self.latent_dim, self.hidden_dim, **kwargs) for n in names]
-            return layers, names
-        if not all(isinstance(f, ConditionalFlow) for f in flow):
-            raise TypeError("flow must be names of conditional flows or ConditionalFlow modules, not a mixture")
-        for f in flow:
-            if tuple(f.event_shape) != (self.latent_dim,) or f.context_dim != self.hidden_dim:
+        self,
+        flow: FlowSpec | Sequence[Flow | ConditionalFlow] | None,
+        num_flows: int | None,
+        kwargs: dict[str, Any],
+        permutation: PermutationRule,
+    ) -> list[nn.Module]:
+        plain = flow is None or flow == "none"
+        names = isinstance(flow, str) or (isinstance(flow, Sequence) and all(isinstance(f, str) for f in flow))
+        if names and not plain:
+            num_flows = 1 if num_flows is None else num_flows
+            return build_flows(
+                flow, self.latent_dim, num_flows, context_dim=self.context_dim, permutation=permutation, **kwargs
+            )
+        given = ["num_flows"] if num_flows is not None and not plain else []
+        given += ["permutation"] if permutation != "auto" else []
+        given += list(kwargs)
+        if given:
+            what = "flow=None builds no layers" if plain else "ready-made layers are used as given"
+            raise TypeError(f"{what}: {given} cannot apply")
+        if plain:
+            return []
+        if not isinstance(flow, Sequence) or not all(isinstance(f, Flow | ConditionalFlow) for f in flow):
+            raise TypeError(f"flow must be registry names or a sequence of Flow/ConditionalFlow modules, got {flow!r}")
+        layers = list(flow)
+        for f in layers:
+            if tuple(f.event_shape) != (self.latent_dim,) or f.context_dim not in (0, self.context_dim):
                 raise ValueError(
                     f"flow {type(f).__name__} has event shape {tuple(f.event_shape)} and context size {f.context_dim}; "
-                    f"the guide needs ({self.latent_dim},) and {self.hidden_dim}"
+                    f"the guide needs ({self.latent_dim},) and {self.context_dim} (or 0)"
                 )
-        return flow, [type(f).__name__ for f in flow]
+        return layers
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""Return the base ``loc`` and ``scale`` (each ``(B, D)``) and the context ``h`` (``(B, hidden_dim)``).
+        r"""Return the base ``loc`` and ``scale`` (each ``(B, D)``) and the context ``h`` (``(B, context_dim)``).
 
         Raises:
-            ValueError: if the encoder output is not ``(B, hidden_dim)``.
+            ValueError: if the encoder output is not ``(B, context_dim)``.
 
         """
         h = self.encoder(x)
-        if h.dim() < 1 or h.shape[-1] != self.hidden_dim:
-            raise ValueError(f"the encoder must return (..., {self.hidden_dim}) features, got {tuple(h.shape)}")
+        if h.dim() < 1 or h.shape[-1] != self.context_dim:
+            raise ValueError(f"the encoder must return (..., {self.context_dim}) features, got {tuple(h.shape)}")
         loc = self.loc_head(h)
         scale = F.softplus(self.scale_head(h)) + self.min_scale
         return loc, scale, h
 
     def transforms(self, context: Tensor) -> list[Transform]:
-        """The flow layers conditioned on ``context`` (with the reversal permutations in between when enabled)."""
-        out: list[Transform] = []
-        for i, layer in enumerate(self.flows):
-            if i > 0 and self.permutation is not None:
-                out.append(self.permutation)
-            out.append(layer.condition(context))
-        return out
+        """The flow layers conditioned on ``context`` (permutations and other unconditional layers as they are)."""
+        return condition_flows(list(self.flows), context)
 
     def posterior(self, x: Tensor) -> dist.TransformedDistribution:
         r"""The distribution :math:`q(z | x)` with batch shape ``x.shape[:1]`` and event shape ``(latent_dim,)``."""
@@ -211,8 +219,8 @@ class AmortizedFlowGuide(nn.Module):
             return pyro.sample(self.site, self.posterior(x))
 
     def extra_repr(self) -> str:
-        """Show the latent and context sizes and the site and plate names."""
+        """Show the latent and context sizes, the site and plate names and the number of flow layers."""
         return (
-            f"latent_dim={self.latent_dim}, hidden_dim={self.hidden_dim}, site={self.site!r}, "
-            f"plate={self.plate_name!r}, num_flows={len(self.flows)}"
+            f"latent_dim={self.latent_dim}, context_dim={self.context_dim}, site={self.site!r}, "
+            f"plate={self.plate_name!r}, layers={len(self.flows)}"
         )

@@ -29,8 +29,9 @@ scoring the guide's own draws (what every ELBO does) costs no inverse pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import pyro.distributions as dist
 import torch
@@ -41,30 +42,94 @@ from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import Transform, biject_to
-from torch.nn.utils import parametrize
 
-from pyro_flows.transforms.linear import Permutation
-from pyro_flows.transforms.registry import registry
+from pyro_flows.transforms.base import check_size
+from pyro_flows.transforms.stack import PermutationRule, build_flows
 
-__all__ = ["AutoFlow", "FlowSpec"]
+__all__ = ["AutoFlow", "FlowSpec", "flow_optim_args"]
 
 #: What ``flow`` may be: a registry name, a block of registry names repeated ``num_flows`` times, or a callable
 #: ``dim -> list of transforms``.
 FlowSpec = str | Sequence[str] | Callable[[int], Sequence[Transform]]
 
 
-class _Scaled(nn.Module):
-    r"""Parametrization :math:`\theta = c\,\phi` (stores :math:`\phi = \theta / c`)."""
+def flow_optim_args(lr: float, flow_lr_scale: float = 0.1, **other: Any) -> Callable[[str], dict[str, Any]]:
+    """Per-parameter arguments of a Pyro optimizer: the flows' parameters at ``lr * flow_lr_scale``, the rest at ``lr``.
 
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
+    Pyro calls the returned function with each parameter's name in ``nn.Module`` style (``"AutoIAF.flows.0.bias"``,
+    ``"AutoIAF.loc"``); the parameters of the flows of :class:`AutoFlow` and of
+    :class:`~pyro_flows.guides.AmortizedFlowGuide` are those whose name contains ``".flows."``.
 
-    def forward(self, stored: Tensor) -> Tensor:
-        return stored * self.factor
+    Args:
+        lr: learning rate of every other parameter (the affine base, encoders, decoders).
+        flow_lr_scale: factor of the flows' learning rate (``1.0``: the same rate everywhere).
+        **other: further arguments of the optimizer for every parameter (``betas``, ``lrd``, ``clip_norm``, ...).
 
-    def right_inverse(self, value: Tensor) -> Tensor:
-        return value / self.factor
+    Returns:
+        ``param_name -> dict`` of optimizer arguments, for ``pyro.optim.Adam(...)``, ``ClippedAdam(...)``, etc.
+
+    Raises:
+        ValueError: a learning rate or factor that is not a positive number.
+
+    Examples:
+        >>> import pyro
+        >>> optim_args = flow_optim_args(0.02, 0.5, betas=(0.9, 0.99))
+        >>> optim_args("AutoIAF.flows.0.bias"), optim_args("AutoIAF.loc")
+        ({'betas': (0.9, 0.99), 'lr': 0.01}, {'betas': (0.9, 0.99), 'lr': 0.02})
+        >>> optim = pyro.optim.Adam(optim_args)
+
+    """
+    for name, value in (("lr", lr), ("flow_lr_scale", flow_lr_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+    def optim_args(param_name: str) -> dict[str, Any]:
+        return {**other, "lr": lr * flow_lr_scale if ".flows." in param_name else lr}
+
+    return optim_args
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain data that survives ``torch.load(weights_only=True)`` and compares by value."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence):
+        return tuple(_plain(item) for item in value)
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    return f"<{type(value).__qualname__}>"
+
+
+def _probe_dim(flow_kwargs: Mapping[str, Any]) -> int:
+    """A small event size at which ``flow_kwargs`` can be checked: 2, or the size a dimension-sized option names."""
+    mask, num_hidden = flow_kwargs.get("mask"), flow_kwargs.get("num_hidden")
+    sizes = [2]
+    if isinstance(mask, Sequence) and not isinstance(mask, str):
+        sizes.append(len(mask))
+    if isinstance(num_hidden, int):
+        sizes.append(num_hidden)
+    return max(sizes)
+
+
+def _check_options(flow: FlowSpec, permutation: PermutationRule, flow_kwargs: Mapping[str, Any]) -> None:
+    """Build one throwaway block of ``flow`` (on the CPU, leaving every random state as it was) to check the options.
+
+    Raises:
+        KeyError: an unknown family.
+        TypeError: a bad spec or an option no family of the block accepts.
+        ValueError: a bad option value or permutation rule.
+
+    """
+    generators = [value for value in flow_kwargs.values() if isinstance(value, torch.Generator)]
+    states = [generator.get_state() for generator in generators]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            build_flows(flow, _probe_dim(flow_kwargs), 1, permutation=permutation, **flow_kwargs)
+    finally:
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
 
 
 class AutoFlow(AutoContinuous):
@@ -73,8 +138,9 @@ class AutoFlow(AutoContinuous):
     Works wherever Pyro's ``AutoContinuous`` guides work: constrained sites (through ``biject_to``), sites in
     plates (as full dimensions), ``Trace_ELBO`` with ``vectorize_particles=True``, ``Predictive``,
     :meth:`get_posterior` (``rsample`` and ``log_prob``). ``JitTrace_ELBO`` works with flows whose passes contain
-    no data-dependent Python control flow: element-wise, linear, planar/radial, Sylvester, Householder,
-    autoregressive and coupling flows; flows with iterative solvers (residual, FFJORD) are not traceable.
+    no data-dependent Python control flow (:attr:`~pyro_flows.transforms.base.Flow.traceable`): element-wise,
+    linear, planar/radial, Sylvester, Householder, autoregressive and coupling flows; tracing a guide with an
+    iterative flow (residual, FFJORD, orthogonal Sylvester) raises an error naming it.
 
     Local latent variables inside subsampled plates are rejected with a clear error: a single joint flow over a
     subsample changes dimension from batch to batch (use an amortized guide for them, e.g. in an
@@ -85,79 +151,106 @@ class AutoFlow(AutoContinuous):
     start from the fitted Gaussian and only learn the non-Gaussian part). ``init_loc_fn=init_to_value(values=...)``
     from a MAP fit is the lighter alternative.
 
+    **Learning rates.** From a cold start the affine base should do the bulk of the work early (where the
+    posterior is, how wide) while the flows refine its shape without injecting gradient noise, so give the flows a
+    smaller learning rate through the optimizer with :func:`flow_optim_args`:
+    ``pyro.optim.Adam(flow_optim_args(0.01, flow_lr_scale=0.1))``. On the 50-d logistic regression of
+    ``benchmarks/bench_guides.py`` (300 Adam steps at lr 0.01) a single learning rate leaves most presets 1–3 nats
+    of ELBO *below* AutoNormal and ``flow_lr_scale=0.1`` puts them above it (``0.01`` for the wide conditioners of
+    :class:`~pyro_flows.guides.AutoSplineCoupling`). After :meth:`from_guide` the base is already fitted and one
+    learning rate for everything is fine.
+
+    **Checkpoints.** ``state_dict`` stores the guide's construction settings (``flow``, ``num_flows``, the flow
+    options, ``permutation``, ``init_scale``) besides the parameters, and ``load_state_dict`` into a guide built
+    with other settings raises a ``ValueError`` naming the ones that differ. ``torch.save(guide)``, ``pickle`` and
+    ``copy.deepcopy`` work on a trained guide (the model, and a callable ``flow``, must be picklable: module-level
+    functions, not lambdas).
+
     Args:
         model: a Pyro model.
         flow: a name in :data:`pyro_flows.transforms.registry` (``"iaf"``, ``"planar"``, ...), a sequence of names
-            forming one block (e.g. ``("lu", "leaky_relu")``), or a callable ``dim -> list of transforms``
-            (then ``num_flows``, ``permute`` and ``flow_kwargs`` are not used).
-        num_flows: number of layers (or blocks) of ``flow``.
+            forming one block (e.g. ``("lu", "leaky_relu")``), or a callable ``dim -> list of transforms`` (then
+            ``num_flows``, ``permutation`` and flow options must not be given). Default: the class's :attr:`flow`.
+        num_flows: number of blocks of ``flow`` (the stack of
+            :func:`~pyro_flows.transforms.stack.build_flows`, the same layers as the amortized guide and the
+            density estimator build from the same spec); ``0`` leaves a diagonal Gaussian (with a warning).
+            Default: the class's :attr:`num_flows`.
         init_loc_fn: per-site initialization of :math:`\mu` (see Pyro's ``autoguide.initialization``). The
             default, ``init_to_feasible``, is AutoNormal's (so step 0 is exactly AutoNormal's initial
             distribution) and is deterministic; ``init_to_median`` (Pyro's ``AutoContinuous`` default) takes the
             median of 15 prior draws, whose noise cost about 3 nats of ELBO after 300 steps on the 50-d logistic
             regression of ``benchmarks/bench_guides.py``.
         init_scale: initial :math:`\sigma` (a positive float for every coordinate).
-        flow_lr_scale: the flows' parameters are stored divided by this factor (:math:`\theta = c\,\phi`, the
-            optimizer sees :math:`\phi`), so with Adam-type optimizers they move ``flow_lr_scale`` times slower
-            than the affine base. The base does the bulk of the work early (where the posterior is, how wide) and
-            the flows refine its shape without injecting gradient noise: on the 50-d logistic regression after
-            300 Adam steps at lr 0.01, ``1.0`` leaves most presets 1–3 nats *below* AutoNormal and ``0.1`` puts
-            them above it. ``1.0`` disables the reparameterization.
-        permute: insert a reversing permutation between consecutive layers (what autoregressive and coupling
-            flows need so every coordinate gets to depend on every other one); ``None`` chooses it from ``flow``
-            (on for the autoregressive and coupling families).
-        **flow_kwargs: keyword arguments of the flow factory (e.g. ``hidden_dims``).
+        permutation: the permutation rule between blocks: ``"auto"`` (a reversal where a family of the block
+            needs one: autoregressive, coupling, triangular), ``"reverse"``, ``"random"`` or ``None`` (none).
+        **flow_kwargs: options of the families of the block (e.g. ``hidden_dims``); each goes to every family
+            that accepts it. They are checked here, at construction: an option no family accepts raises a
+            ``TypeError`` and a bad value a ``ValueError``, both naming it (options sized by the model's dimension,
+            such as a coupling ``mask`` sequence, are checked against it at the first call).
 
-    Example:
+    Raises:
+        KeyError: an unknown family.
+        TypeError: a bad ``flow``, an unknown option, or options given with a callable ``flow``.
+        ValueError: a bad ``num_flows``, ``init_scale``, ``permutation`` or option value.
+
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
-        >>> from pyro_flows.guides import AutoFlow
+        >>> from pyro_flows.guides import AutoFlow, flow_optim_args
         >>> def model():
         ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
         >>> guide = AutoFlow(model, flow="triangular", num_flows=1)
         >>> guide()["x"].shape
         torch.Size([2])
+        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam(flow_optim_args(0.01)), pyro.infer.Trace_ELBO())
+        >>> AutoFlow(model, flow="iaf", hiden_dims=(8,))
+        Traceback (most recent call last):
+            ...
+        TypeError: unknown keyword argument(s) ['hiden_dims'] for flow 'iaf' (accepted: ...)
 
     """
 
+    #: The default flow spec (presets set their family here).
+    flow: ClassVar[FlowSpec] = "iaf"
+    #: The default number of blocks.
+    num_flows: ClassVar[int] = 2
     #: Number of (fixed-seed) draws used by :meth:`median` and :meth:`quantiles`.
     num_quantile_samples: int = 4096
-    #: Families whose layers only depend on a prefix of the coordinates, so reversing them between layers helps.
-    ORDERED_FAMILIES: frozenset[str] = frozenset(
-        {"iaf", "maf", "affine_coupling", "spline_coupling", "spline_autoregressive", "triangular", "convex_triangular"}
-    )
 
     def __init__(
         self,
         model: Callable[..., Any],
-        flow: FlowSpec = "iaf",
-        num_flows: int = 2,
+        flow: FlowSpec | None = None,
+        num_flows: int | None = None,
         init_loc_fn: Callable[[dict], Tensor] = init_to_feasible,
         init_scale: float = 0.1,
-        permute: bool | None = None,
-        flow_lr_scale: float = 0.1,
+        permutation: PermutationRule = "auto",
         **flow_kwargs: Any,
     ) -> None:
-        if not isinstance(init_scale, (int, float)) or not init_scale > 0:
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0:
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
-        if not isinstance(flow_lr_scale, (int, float)) or not flow_lr_scale > 0:
-            raise ValueError(f"flow_lr_scale must be a positive number, got {flow_lr_scale!r}")
-        if not isinstance(num_flows, int) or num_flows < 0:
-            raise ValueError(f"num_flows must be a non-negative integer, got {num_flows!r}")
-        if isinstance(flow, str):
-            registry[flow]  # unknown names fail here, listing the registered ones
-        elif isinstance(flow, Sequence):
-            if not flow or not all(isinstance(name, str) for name in flow):
-                raise ValueError("a flow block must be a non-empty sequence of registry names")
-            for name in flow:
-                registry[name]
-        elif not callable(flow):
-            raise TypeError(f"flow must be a registry name, a sequence of names or a callable, got {flow!r}")
+        if flow is None:
+            flow = type(self).flow
+        if callable(flow):
+            given = ["num_flows"] if num_flows is not None else []
+            given += ["permutation"] if permutation != "auto" else []
+            given += list(flow_kwargs)
+            if given:
+                raise TypeError(
+                    f"a callable flow builds its own layers: {given} cannot apply (pass them to the callable)"
+                )
+        else:
+            num_flows = check_size(type(self).num_flows if num_flows is None else num_flows, "num_flows", minimum=0)
+            context = sorted({"context_dim", "context_hidden_dims"} & set(flow_kwargs))
+            if context:
+                raise TypeError(f"AutoFlow's flows are unconditional: {context} do not apply (see AmortizedFlowGuide)")
+            _check_options(flow, permutation, flow_kwargs)
+            if num_flows == 0:
+                warnings.warn(f"{type(self).__name__} with num_flows=0 is a diagonal Gaussian guide.", stacklevel=2)
         self._flow = flow
         self._num_flows = num_flows
         self._init_scale = float(init_scale)
-        self._permute = permute
-        self._flow_lr_scale = float(flow_lr_scale)
-        self._flow_kwargs = flow_kwargs
+        self._permutation = permutation
+        self._flow_kwargs = dict(flow_kwargs)
         self._warm_start: tuple[Tensor, Tensor] | None = None
         super().__init__(model, init_loc_fn=init_loc_fn)
 
@@ -233,34 +326,53 @@ class AutoFlow(AutoContinuous):
             scale = torch.full_like(loc, self._init_scale)
         self.loc = nn.Parameter(loc)
         self.scale = PyroParam(scale, constraints.softplus_positive)
-        flows = nn.ModuleList(self._build_flows(self.latent_dim)).to(device=loc.device, dtype=loc.dtype)
-        if self._flow_lr_scale != 1.0:
-            for module in list(flows.modules()):
-                for name in [name for name, _ in module.named_parameters(recurse=False)]:
-                    parametrize.register_parametrization(module, name, _Scaled(self._flow_lr_scale), unsafe=True)
-        self.flows = flows
+        if callable(self._flow):
+            layers = list(self._flow(self.latent_dim))
+            bad = sorted(
+                {type(f).__name__ for f in layers if not isinstance(f, Transform) or not isinstance(f, nn.Module)}
+            )
+            if bad:
+                raise TypeError(f"the flow callable must return transform modules (Transform and nn.Module), got {bad}")
+        else:
+            layers = build_flows(
+                self._flow, self.latent_dim, self._num_flows, permutation=self._permutation, **self._flow_kwargs
+            )
+        self.flows = nn.ModuleList(layers).to(device=loc.device, dtype=loc.dtype)
 
-    def _build_flows(self, dim: int) -> list[nn.Module]:
-        flow = self._flow
-        if callable(flow) and not isinstance(flow, str):
-            layers = list(flow(dim))
-            for layer in layers:
-                if not isinstance(layer, Transform):
-                    raise TypeError(f"the flow callable must return Transforms, got {type(layer).__name__}")
-            return layers
-        block = [flow] if isinstance(flow, str) else list(flow)
-        permute = self._permute
-        if permute is None:
-            permute = any(name in self.ORDERED_FAMILIES for name in block)
-        layers: list[nn.Module] = []
-        for k in range(self._num_flows):
-            if k > 0 and permute and dim > 1:
-                layers.append(Permutation(dim, "reverse"))
-            layers.extend(registry[name](dim, **self._flow_kwargs) for name in block)
-        for layer in layers:
-            if not isinstance(layer, nn.Module):
-                raise TypeError(f"registry factories must return modules, got {type(layer).__name__}")
-        return layers
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _settings(self) -> dict[str, Any]:
+        """The construction settings as plain data (what checkpoints store and compare)."""
+        return {
+            "flow": _plain(self._flow),
+            "num_flows": self._num_flows,
+            "flow_kwargs": _plain(self._flow_kwargs),
+            "permutation": self._permutation,
+            "init_scale": self._init_scale,
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The construction settings, saved in ``state_dict`` under ``_extra_state``."""
+        return self._settings()
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check that a checkpoint's settings are this guide's (called by ``load_state_dict``).
+
+        Raises:
+            ValueError: naming every setting that differs.
+
+        """
+        ours = self._settings()
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{type(self).__name__} checkpoint settings must be a dict, got {type(state).__name__}")
+        differ = [key for key in (*ours, *(key for key in state if key not in ours)) if state.get(key) != ours.get(key)]
+        if differ:
+            details = "; ".join(
+                f"{key}: {state.get(key)!r} in the checkpoint, {ours.get(key)!r} here" for key in differ
+            )
+            raise ValueError(
+                f"the checkpoint was saved from a guide built with other settings ({details}); "
+                f"build the {type(self).__name__} with the checkpoint's settings to load it"
+            )
 
     # ------------------------------------------------------------------------------------------------ the posterior
     def get_base_dist(self) -> dist.TorchDistribution:
@@ -278,6 +390,15 @@ class AutoFlow(AutoContinuous):
         """The guide's distribution over the packed unconstrained latents (``rsample`` and ``log_prob``)."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        if torch.jit.is_tracing():
+            untraceable = sorted(
+                {type(layer).__name__ for layer in self.flows if not getattr(layer, "traceable", True)}
+            )
+            if untraceable:
+                raise NotImplementedError(
+                    f"{type(self).__name__} cannot be traced by torch.jit (JitTrace_ELBO): the flow(s) {untraceable} "
+                    "have data-dependent control flow (iterative solvers); use Trace_ELBO"
+                )
         return dist.TransformedDistribution(self.get_base_dist(), self._transforms())
 
     # ------------------------------------------------------------------------------------------------- summaries

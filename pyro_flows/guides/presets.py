@@ -1,10 +1,11 @@
-r"""Per-family presets of :class:`~pyro_flows.guides.AutoFlow`: thin configurations by registry name.
+r"""Per-family presets of :class:`~pyro_flows.guides.AutoFlow`, in the style of Pyro's ``AutoIAFNormal``.
 
-Every preset keeps :class:`AutoFlow`'s structure (flows on the standardized coordinates, learnable affine base
-last, flows starting at the identity) and only fixes the family, the depth and whether permutations are
-interleaved; any further keyword argument goes to the family's factory in :data:`pyro_flows.transforms.registry`.
-Defaults were chosen on the benchmarks of ``benchmarks/bench_guides.py`` (a 50-d Bayesian logistic regression and
-Rezende & Mohamed's 2-d energies); see ``benchmarks/README.md`` for the numbers.
+A preset is :class:`AutoFlow` with a default family (:attr:`AutoFlow.flow`) and depth (:attr:`AutoFlow.num_flows`):
+it takes every other argument of :class:`AutoFlow` by keyword (``num_flows``, ``init_loc_fn``, ``init_scale``,
+``permutation`` and the family's options, e.g. ``hidden_dims``), checked at construction. The defaults were chosen
+on the benchmarks of ``benchmarks/bench_guides.py`` (a 50-d Bayesian logistic regression and Rezende & Mohamed's
+2-d energies), trained with the flows at a tenth of the base's learning rate (a hundredth for AutoSplineCoupling)
+through :func:`~pyro_flows.guides.autoflow.flow_optim_args`; see ``benchmarks/README.md`` for the numbers.
 
 Which preset:
 
@@ -14,18 +15,24 @@ Which preset:
 * ``AutoSplineCoupling``: the most flexible per layer (multi-modal, heavy tails); more parameters.
 * ``AutoMAF``: exact as IAF but sampling is sequential in the dimension (slow guide; for small D).
 * ``AutoResidual`` / ``AutoFFJORD``: free-form Jacobians; slower (numerical inverse / ODE solve), not JIT-traceable.
+
+Examples:
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> from pyro_flows.guides import AutoIAF
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    >>> guide = AutoIAF(model, num_flows=3, hidden_dims=(16,), permutation=None)
+    >>> guide()["x"].shape
+    torch.Size([3])
+
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
-
-from pyro.infer.autoguide.initialization import init_to_feasible
-from torch import Tensor, nn
+from typing import Any, ClassVar, Literal
 
 from pyro_flows.guides.autoflow import AutoFlow
-from pyro_flows.transforms.registry import registry
 
 __all__ = [
     "AutoConvexTriangular",
@@ -40,281 +47,137 @@ __all__ = [
     "AutoSylvester",
 ]
 
-InitLocFn = Callable[[dict], Tensor]
+
+def _reject_flow(preset: AutoFlow, kwargs: dict[str, Any]) -> None:
+    if "flow" in kwargs:
+        raise TypeError(f"{type(preset).__name__} fixes its flow; use AutoFlow(model, flow=...) for another one")
 
 
-class AutoIAF(AutoFlow):
-    r"""Inverse autoregressive flow guide (Kingma et al. 2016): ``num_flows`` IAF layers, reversed in between.
+class _Preset(AutoFlow):
+    """:class:`AutoFlow` with a fixed family: the model positionally, every other argument by keyword."""
+
+    def __init__(self, model: Callable[..., Any], **kwargs: Any) -> None:
+        _reject_flow(self, kwargs)
+        super().__init__(model, **kwargs)
+
+
+class AutoIAF(_Preset):
+    r"""Inverse autoregressive flow guide (Kingma et al. 2016): ``num_flows`` IAF layers (2), reversed in between.
 
     Sampling and scoring its own draws are one parallel pass per layer.
 
     The layers use the numerically stable gated update :math:`z' = \sigma \odot z + (1 - \sigma) \odot m`
-    (the default of the ``"iaf"`` factory), which can only shrink a coordinate, by a factor in (0, 1) per layer.
+    (the default of the ``"iaf"`` family), which can only shrink a coordinate, by a factor in (0, 1) per layer.
     Where the posterior's scale changes by orders of magnitude with another latent (funnels, hierarchical scales)
     pass ``gated=False`` for the affine update :math:`z' = \mu + e^{s} \odot z` (:math:`|s| < 5`), more layers and
-    ``flow_lr_scale=1.0``: on Neal's 10-d funnel (8000 steps, 16 particles) the affine guide with 4 layers reaches
-    KL 0.026 nats and k̂ 0.25 against KL 0.79 and k̂ 0.75 for the gated default (``examples/notebooks/neals_funnel``).
-
-    Args:
-        model: a Pyro model.
-        num_flows: number of IAF layers.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"iaf"`` factory (e.g. ``hidden_dims``).
-
+    one learning rate for the whole guide: on Neal's 10-d funnel (8000 steps, 16 particles) the affine guide with 4
+    layers reaches KL 0.026 nats and k̂ 0.25 against KL 0.79 and k̂ 0.75 for the gated default
+    (``examples/notebooks/neals_funnel``).
     """
 
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 2,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
-    ) -> None:
-        super().__init__(model, "iaf", num_flows, init_loc_fn, init_scale, permute=True, **flow_kwargs)
+    flow = "iaf"
+    num_flows = 2
 
 
-class AutoMAF(AutoFlow):
+class AutoMAF(_Preset):
     """Masked autoregressive flow guide (Papamakarios et al. 2017): density in one pass, sampling in D passes.
 
-    Args:
-        model: a Pyro model.
-        num_flows: number of MAF layers.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"maf"`` factory (e.g. ``hidden_dims``).
-
+    ``num_flows`` MAF layers (2), reversed in between.
     """
 
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 2,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
-    ) -> None:
-        super().__init__(model, "maf", num_flows, init_loc_fn, init_scale, permute=True, **flow_kwargs)
+    flow = "maf"
+    num_flows = 2
 
 
-class AutoPlanar(AutoFlow):
-    r"""Planar flow guide (Rezende & Mohamed 2015): ``num_flows`` layers :math:`u + a\,h(w^\top u + b)`.
+class AutoPlanar(_Preset):
+    r"""Planar flow guide (Rezende & Mohamed 2015): ``num_flows`` layers (8) :math:`u + a\,h(w^\top u + b)`."""
 
-    Args:
-        model: a Pyro model.
-        num_flows: number of planar layers.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"planar"`` factory.
-
-    """
-
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 8,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
-    ) -> None:
-        super().__init__(model, "planar", num_flows, init_loc_fn, init_scale, permute=False, **flow_kwargs)
+    flow = "planar"
+    num_flows = 8
 
 
-class AutoRadial(AutoFlow):
-    """Radial flow guide (Rezende & Mohamed 2015): ``num_flows`` radial contractions/expansions.
+class AutoRadial(_Preset):
+    """Radial flow guide (Rezende & Mohamed 2015): ``num_flows`` radial contractions/expansions (8)."""
 
-    Args:
-        model: a Pyro model.
-        num_flows: number of radial layers.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"radial"`` factory.
-
-    """
-
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 8,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
-    ) -> None:
-        super().__init__(model, "radial", num_flows, init_loc_fn, init_scale, permute=False, **flow_kwargs)
+    flow = "radial"
+    num_flows = 8
 
 
-class AutoSylvester(AutoFlow):
-    r"""Sylvester flow guide (van den Berg et al. 2018): ``num_flows`` layers :math:`u + A\,h(B u + b)`.
+class AutoSylvester(_Preset):
+    r"""Sylvester flow guide (van den Berg et al. 2018): ``num_flows`` layers (4) :math:`u + A\,h(B u + b)`.
 
     Args:
         model: a Pyro model.
         kind: how the orthogonal factor is parameterized: ``"householder"`` (default; fast, exact),
-            ``"orthogonal"`` (iterative orthogonalization) or ``"triangular"`` (alternating permutations).
-        num_flows: number of Sylvester layers.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"sylvester_<kind>"`` factory.
+            ``"orthogonal"`` (iterative orthogonalization, not JIT-traceable) or ``"triangular"`` (alternating
+            permutations); the family is ``"sylvester_<kind>"``.
+        **kwargs: every other argument of :class:`AutoFlow` (``num_flows``, ``init_scale``, family options, ...).
 
     Raises:
         ValueError: for an unknown ``kind``.
 
     """
 
-    KINDS = ("householder", "orthogonal", "triangular")
+    flow = "sylvester_householder"
+    num_flows = 4
+    KINDS: ClassVar[tuple[str, ...]] = ("householder", "orthogonal", "triangular")
 
     def __init__(
         self,
         model: Callable[..., Any],
         kind: Literal["householder", "orthogonal", "triangular"] = "householder",
-        num_flows: int = 4,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        _reject_flow(self, kwargs)
+        AutoFlow.__init__(self, model, f"sylvester_{kind}", **kwargs)
         self.kind = kind
-        super().__init__(model, f"sylvester_{kind}", num_flows, init_loc_fn, init_scale, permute=False, **flow_kwargs)
 
 
-class AutoHouseholder(AutoFlow):
+class AutoHouseholder(_Preset):
     r"""Householder flow guide (Tomczak & Welling 2016): a full-covariance Gaussian.
 
-    The standardized draw is first rescaled per coordinate and then rotated by ``num_flows`` Householder layers,
-    :math:`u = H_K \cdots H_1 (a + e^{s} \odot \varepsilon)`; a rotation alone would leave the standard normal
-    unchanged (it is rotation invariant), hence the element-wise affine in front.
-
-    Args:
-        model: a Pyro model.
-        num_flows: number of Householder layers.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"householder"`` factory.
-
+    Each of the ``num_flows`` blocks (4) rescales the coordinates and then reflects them,
+    :math:`u \mapsto H (a + e^{s} \odot u)` with :math:`H` a product of ``num_reflections`` Householder
+    reflections (2): a rotation alone would leave the standard normal unchanged (it is rotation invariant), hence
+    the element-wise affine in each block. With a rescaling in every block (not only in the first) the stack is
+    the one every other guide builds from this spec, and it covers every Gaussian that one rescaling followed by
+    the same reflections does.
     """
 
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 4,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
-    ) -> None:
-        registry["householder"]
-
-        def layers(dim: int) -> list[nn.Module]:
-            return [
-                registry["elementwise_affine"](dim),
-                *(registry["householder"](dim, **flow_kwargs) for _ in range(num_flows)),
-            ]
-
-        super().__init__(model, layers, num_flows, init_loc_fn, init_scale)
+    flow = ("elementwise_affine", "householder")
+    num_flows = 4
 
 
-class AutoConvexTriangular(AutoFlow):
-    """Convex-combination linear IAF guide (Tomczak & Welling 2017): a full-covariance Gaussian.
+class AutoConvexTriangular(_Preset):
+    """Convex-combination linear IAF guide (Tomczak & Welling 2017): a full-covariance Gaussian (1 layer)."""
 
-    Args:
-        model: a Pyro model.
-        num_flows: number of convex-triangular layers.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"convex_triangular"`` factory.
+    flow = "convex_triangular"
+    num_flows = 1
 
+
+class AutoSplineCoupling(_Preset):
+    """Rational-quadratic spline coupling guide (Durkan et al. 2019): ``num_flows`` layers (2), reversed in between.
+
+    Its conditioner networks are wide: from a cold start train its flows at a hundredth of the base's learning rate
+    (``flow_optim_args(lr, flow_lr_scale=0.01)``); with ``0.1`` it ends 2.5 nats below AutoNormal on the 300-step
+    logistic regression benchmark, with ``0.01`` above it.
     """
 
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 1,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
-    ) -> None:
-        super().__init__(model, "convex_triangular", num_flows, init_loc_fn, init_scale, permute=True, **flow_kwargs)
+    flow = "spline_coupling"
+    num_flows = 2
 
 
-class AutoSplineCoupling(AutoFlow):
-    """Rational-quadratic spline coupling guide (Durkan et al. 2019), halves swapped between layers.
+class AutoResidual(_Preset):
+    """Invertible residual flow guide (Behrmann et al. 2019; Chen et al. 2019): ``num_flows`` blocks (2)."""
 
-    Its conditioner networks are wide and every weight moves at Adam's step size, so the flows are slowed down
-    more than in the other presets (``flow_lr_scale=0.01``); with ``0.1`` it ends 2.5 nats below AutoNormal on
-    the 300-step logistic regression benchmark, with ``0.01`` above it.
-
-    Args:
-        model: a Pyro model.
-        num_flows: number of coupling layers.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        flow_lr_scale: relative speed of the flows' parameters (see :class:`AutoFlow`).
-        **flow_kwargs: arguments of the ``"spline_coupling"`` factory (e.g. ``num_bins``, ``bound``).
-
-    """
-
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 2,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        flow_lr_scale: float = 0.01,
-        **flow_kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            "spline_coupling",
-            num_flows,
-            init_loc_fn,
-            init_scale,
-            permute=True,
-            flow_lr_scale=flow_lr_scale,
-            **flow_kwargs,
-        )
+    flow = "residual"
+    num_flows = 2
 
 
-class AutoResidual(AutoFlow):
-    """Invertible residual flow guide (Behrmann et al. 2019; Chen et al. 2019).
+class AutoFFJORD(_Preset):
+    """Continuous normalizing flow guide (FFJORD, Grathwohl et al. 2019): ``num_flows`` ODE blocks (1)."""
 
-    Args:
-        model: a Pyro model.
-        num_flows: number of residual blocks.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"residual"`` factory.
-
-    """
-
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 2,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
-    ) -> None:
-        super().__init__(model, "residual", num_flows, init_loc_fn, init_scale, permute=False, **flow_kwargs)
-
-
-class AutoFFJORD(AutoFlow):
-    """Continuous normalizing flow guide (FFJORD, Grathwohl et al. 2019): one ODE-defined flow.
-
-    Args:
-        model: a Pyro model.
-        num_flows: number of ODE blocks.
-        init_loc_fn: per-site initialization of the base location.
-        init_scale: initial base scale.
-        **flow_kwargs: arguments of the ``"ffjord"`` factory.
-
-    """
-
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        num_flows: int = 1,
-        init_loc_fn: InitLocFn = init_to_feasible,
-        init_scale: float = 0.1,
-        **flow_kwargs: Any,
-    ) -> None:
-        super().__init__(model, "ffjord", num_flows, init_loc_fn, init_scale, permute=False, **flow_kwargs)
+    flow = "ffjord"
+    num_flows = 1

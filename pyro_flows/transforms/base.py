@@ -315,15 +315,18 @@ class ParametricFlow(Flow):
     Args:
         event_shape: the event shape.
         context_dim: size of the context vector (0: unconditional).
-        context_hidden_dims: hidden widths of the hypernetwork :math:`g` (only with ``context_dim > 0``).
+        context_hidden_dims: hidden widths of the hypernetwork :math:`g` (only with ``context_dim > 0``; default
+            ``(64,)``).
 
     """
 
     def __init__(
-        self, event_shape: EventShape, *, context_dim: int = 0, context_hidden_dims: Sequence[int] = (64,)
+        self, event_shape: EventShape, *, context_dim: int = 0, context_hidden_dims: Sequence[int] | None = None
     ) -> None:
         super().__init__(event_shape, context_dim=context_dim)
-        widths = check_widths(context_hidden_dims, "context_hidden_dims")
+        if context_hidden_dims is not None and not self.context_dim:
+            raise ValueError("context_hidden_dims sets the hypernetwork of a conditional flow: it needs context_dim > 0")
+        widths = check_widths((64,) if context_hidden_dims is None else context_hidden_dims, "context_hidden_dims")
         self.param_shapes: dict[str, torch.Size] = {}
         if self.context_dim:
             layers: list[nn.Module] = []

@@ -36,9 +36,9 @@ def bracketed_newton(
 
     Newton steps :math:`x \leftarrow x - g(x) / g'(x)`, safeguarded by the bracket: the bracket shrinks to each
     evaluated point by the sign of :math:`g`, and a Newton step that leaves it (or is NaN) is replaced by bisection.
-    The iteration stops when every element's step is at most :math:`4\epsilon (1 + |x|)` (``ε`` the dtype's machine
-    epsilon) or its bracket is that narrow, i.e. to machine precision; convergence is guaranteed (bisection halves
-    the bracket) and is quadratic near simple roots. Runs without autograd: apply one differentiable Newton step at
+    The iteration stops when every element's step or residual is at most :math:`4\epsilon (1 + |x|)` (``ε`` the
+    dtype's machine epsilon) or its bracket is 16 times that, i.e. to machine precision; convergence is guaranteed
+    (bisection halves the bracket) and is quadratic near simple roots. Runs without autograd: apply one differentiable Newton step at
     the returned root to get implicit-function gradients.
 
     Args:
@@ -80,7 +80,8 @@ def bracketed_newton(
             x_new = torch.where(inside, newton, 0.5 * (lo + hi))
             x_new = torch.where(g == 0, x, x_new)
             tol = eps * (1.0 + x_new.abs())
-            done = ((x_new - x).abs() <= tol) | (hi - lo <= tol)
+            # converged: a step, the bracket (whose last digits round-off can stall) or the residual at round-off
+            done = ((x_new - x).abs() <= tol) | (hi - lo <= 16.0 * tol) | (g.abs() <= tol)
             x = x_new
             if bool(done.all()):
                 return x, iteration
