@@ -1,6 +1,6 @@
 """Density estimation: test NLL of FlowDensity on toys and real data, and MAF side by side with zuko's MAF.
 
-* 2-d toys (:mod:`pyro_flows.density.data`): test NLL in nats, ``maf`` on each, ``spline_autoregressive`` on the
+* 2-d toys (:mod:`pyro_flows.density.data`): test NLL in nats, ``maf`` on each, ``spline_iaf`` on the
   checkerboard too; for the checkerboard the gap to its true entropy log 32 nats (5 bits = 2.5 bits/dim).
 * scikit-learn ``load_digits`` (64-d, 17 levels): uniformly dequantized to ``(x + u) / 17`` (one fixed noise draw per
   split), test NLL in nats of the dequantized data and the bits/dim bound of the discrete data.
@@ -124,7 +124,7 @@ def _fit_zuko(
 def _toys(quick: bool) -> list[dict]:
     rows = []
     n, epochs = (2000, 3) if quick else (20_000, 40)
-    runs = [(name, "maf") for name in TOY_DATASETS] + [("checkerboard", "spline_autoregressive")]
+    runs = [(name, "maf") for name in TOY_DATASETS] + [("checkerboard", "spline_iaf")]
     for name, flow in runs:
         sampler = TOY_DATASETS[name]
         sizes = (n, n // 5, n)
@@ -162,7 +162,7 @@ def _versus_zuko(
     for seed in SEEDS:
         density, seconds, run_epochs = _fit_ours(
             "maf", train, val, epochs, patience, batch, seed=seed, num_flows=NUM_FLOWS, hidden_dims=HIDDEN,
-            flow_kwargs={"order": "natural"},
+            order="natural",
         )  # fmt: skip
         ours.append((seconds, run_epochs, density.evaluate(test)))
         fitted = _fit_zuko(train, val, epochs, patience, batch, seed=seed)
@@ -194,9 +194,9 @@ def run(device: str, quick: bool) -> list[dict]:
     rows = _toys(quick)
     epochs, patience, batch = (3, 2, 128) if quick else (300, 20, 128)
     models = [
-        ("maf", {"flow_kwargs": {"order": "natural"}}),
+        ("maf", {"order": "natural"}),
         ("affine_coupling", {}),
-        ("spline_autoregressive", {}),
+        ("spline_iaf", {}),
         ("ffjord", {"num_flows": 1, "hidden_dims": (128, 128)}),
     ]
     for dataset, load in (("digits", _digits), ("breast_cancer", _breast_cancer)):

@@ -3,7 +3,7 @@
 Usage::
 
     python examples/density_2d.py                    # MAF on every toy, figure in examples/density_2d.png
-    python examples/density_2d.py --flow spline_autoregressive --epochs 60 --out spline.png
+    python examples/density_2d.py --flow spline_iaf --epochs 60 --out spline.png
 
 For the checkerboard the test NLL is compared with the true differential entropy log 32 nats (5 bits).
 """

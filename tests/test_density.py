@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 
 import pyro
 import pyro.distributions as dist
@@ -22,7 +23,9 @@ from pyro_flows.density import (
     dequantize,
     two_moons,
 )
+from pyro_flows.density.fit import fit_density
 from pyro_flows.transforms import conditional_registry, registry
+from pyro_flows.transforms.stack import build_flows
 
 #: A stack that works with the foundation flows alone; the MAF-specific tests below run once ``maf`` is registered.
 STACK = ("lu", "leaky_relu")
@@ -104,12 +107,14 @@ def test_rescaling_the_data_shifts_the_log_density_by_the_jacobian() -> None:
 
 
 def test_layers_are_oriented_so_that_scoring_uses_the_fast_direction() -> None:
-    names = sorted({"lu", "maf", "iaf", "spline_autoregressive"} & set(registry))
-    density = FlowDensity(3, flow=names, num_flows=2 * len(names), hidden_dims=(8,))
+    names = sorted({"lu", "maf", "iaf", "spline_iaf"} & set(registry))
+    density = FlowDensity(3, flow=names, num_flows=2, hidden_dims=(8,))
     permutation = registry["permutation"]
     for layer, inverted in zip(density.layers, density._inverted, strict=True):
         assert inverted == (not isinstance(layer, permutation) and layer.fast_direction == "forward")
-    assert sum(isinstance(layer, permutation) for layer in density.layers) == 2 * len(names) - 1
+    # the block is repeated num_flows times, one reversal between the blocks
+    assert [type(layer) for layer in density.layers] == [type(layer) for layer in build_flows(names, 3, 2)]
+    assert sum(isinstance(layer, permutation) for layer in density.layers) == 1
     x = torch.randn(5, 3)
     assert torch.allclose(density.log_prob(x), density.distribution().log_prob(x), atol=1e-5)
 
@@ -267,7 +272,7 @@ def test_save_and_load_conditional_and_custom_base() -> None:
     x, c = torch.randn(4, 2), torch.randn(4, 3)
     assert torch.equal(loaded.log_prob(x, c), density.log_prob(x, c))
     with pytest.raises(TypeError, match="weights_only"):
-        FlowDensity(2, flow="lu", num_flows=1, flow_kwargs={"generator": torch.Generator()}).save(io.BytesIO())
+        FlowDensity(2, flow="lu", num_flows=1, generator=torch.Generator()).save(io.BytesIO())
 
 
 # --------------------------------------------------------------------------- bad input
@@ -334,7 +339,7 @@ def test_default_flow_is_maf_and_fits_two_moons() -> None:
 
 
 # --------------------------------------------------------------------------- every density family, smoke
-FAMILIES = ("iaf", "affine_coupling", "spline_autoregressive", "spline_coupling", "ffjord")
+FAMILIES = ("iaf", "affine_coupling", "spline_iaf", "spline_coupling", "ffjord")
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n in registry])
@@ -346,3 +351,180 @@ def test_other_families_fit_score_and_sample(name: str) -> None:
     x = two_moons(5, generator=gen(1))
     assert torch.allclose(density.log_prob(x), density.distribution().log_prob(x), atol=1e-4)
     assert density.sample(3).shape == (3, 2)
+
+
+# --------------------------------------------------------------------------- layers from the one stack builder
+def test_layers_are_the_builders_and_flow_kwargs_are_checked() -> None:
+    density = FlowDensity(2, flow="maf", num_flows=2)
+    # FlowDensity's default hidden_dims=(128, 128) for the families that take it
+    assert [p.shape[0] for n, p in density.layers[0].named_parameters() if n.endswith("bias")] == [128, 128, 4]
+    assert [type(layer).__name__ for layer in FlowDensity(2, flow="planar", num_flows=3).layers] == ["Planar"] * 3
+    reversed_planar = FlowDensity(2, flow="planar", num_flows=2, permutation="reverse")
+    assert isinstance(reversed_planar.layers[1], registry["permutation"])
+    assert not any(isinstance(layer, registry["permutation"]) for layer in FlowDensity(2, permutation=None).layers)
+    with pytest.raises(TypeError, match="hidden_dims"):
+        FlowDensity(2, flow="planar", hidden_dims=(7,))
+    with pytest.raises(TypeError, match="no_such_option"):
+        FlowDensity(2, flow=STACK, no_such_option=1)
+    with pytest.raises(ValueError, match="permutation"):
+        FlowDensity(2, flow=STACK, permutation="shuffle")
+
+
+def test_fit_is_fit_density() -> None:
+    x = correlated(128)
+    a = FlowDensity(2, flow=STACK, num_flows=2)
+    b = copy.deepcopy(a)
+    history_a = a.fit(x, epochs=2, progress=False, seed=0)
+    history_b = fit_density(b, x, epochs=2, progress=False, seed=0)
+    assert history_a.train_nll == history_b.train_nll and history_a.val_nll == history_b.val_nll
+    assert torch.equal(a.log_prob(x), b.log_prob(x))
+
+
+# --------------------------------------------------------------------------- hardening
+def test_save_and_load_keep_the_dtype_and_follow_map_location() -> None:
+    density = FlowDensity(2, flow="maf", num_flows=2, hidden_dims=(8,)).double()
+    density.fit(correlated(128).double(), epochs=1, progress=False, seed=0)
+    buffer = io.BytesIO()
+    density.save(buffer)
+    x = correlated(16, seed=4).double()
+    for where in ("cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda storage, _: storage, None):
+        buffer.seek(0)
+        loaded = FlowDensity.load(buffer, map_location=where)
+        assert all(p.dtype == torch.float64 for p in loaded.parameters()) and loaded.data_shift.dtype == torch.float64
+        assert torch.equal(loaded.log_prob(x), density.log_prob(x))
+    if torch.cuda.is_available():
+        buffer.seek(0)
+        loaded = FlowDensity.load(buffer, map_location="cuda")
+        assert loaded.data_shift.device.type == "cuda" and loaded.data_shift.dtype == torch.float64
+        assert torch.allclose(loaded.log_prob(x.cuda()).cpu(), density.log_prob(x))
+
+
+def _graph_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of tensors with an autograd graph held anywhere in the modules' attributes."""
+    found = []
+    for name, sub in module.named_modules():
+        stack = list(vars(sub).items())
+        while stack:
+            key, value = stack.pop()
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                found.append(f"{name}.{key}")
+            elif isinstance(value, tuple | list):
+                stack.extend((key, item) for item in value)
+    return found
+
+
+@pytest.mark.parametrize("flow", ["maf", "iaf", "affine_coupling"])
+def test_deepcopy_and_pickle_after_a_grad_enabled_log_prob(flow: str) -> None:
+    density = FlowDensity(2, flow=flow, num_flows=2, hidden_dims=(8,))
+    x = correlated(32)
+    density.log_prob(x).sum().backward()
+    density.rsample(4).sum().backward()
+    assert _graph_tensors(density) == []
+    d = density.distribution()
+    d.log_prob(d.rsample(torch.Size([3]))).sum().backward()  # caches on the layers: dropped when copying
+    for clone in (copy.deepcopy(density), pickle.loads(pickle.dumps(density))):
+        assert _graph_tensors(clone) == []
+        assert torch.allclose(clone.log_prob(x), density.log_prob(x))
+
+
+def test_conditional_density_copies_after_a_grad_enabled_log_prob() -> None:
+    density = FlowDensity(2, flow="maf", num_flows=2, hidden_dims=(8,), context_dim=1)
+    x, c = correlated(16), torch.randn(16, 1)
+    density.log_prob(x, c).sum().backward()
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(density)))
+    assert torch.allclose(clone.log_prob(x, c), density.log_prob(x, c))
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"grad_clip": -1.0}, "grad_clip"),
+        ({"grad_clip": math.inf}, "grad_clip"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": math.nan}, "lr"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"patience": 0}, "patience"),
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 2.5}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 32.0}, "batch_size"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"validation_fraction": -0.1}, "validation_fraction"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+    ],
+)
+def test_fit_options_are_checked_before_anything_changes(options: dict, name: str) -> None:
+    density = FlowDensity(2, flow=STACK, num_flows=1)
+    before = copy.deepcopy(density.state_dict())
+    with pytest.raises(ValueError, match=name):
+        density.fit(correlated(64), progress=False, **options)
+    after = density.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in after) and not bool(density.standardized)
+
+
+@pytest.mark.parametrize("validate_args", [True, False])
+@pytest.mark.parametrize("validation_fraction", [0.25, 0.0])
+def test_divergence_restores_finite_weights(validate_args: bool, validation_fraction: float) -> None:
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(validate_args)
+    try:
+        x = two_moons(256, generator=gen(0))
+        # a huge learning rate: the weights blow up after the first steps
+        density = FlowDensity(2, flow="maf", num_flows=2, hidden_dims=(16,))
+        density.fit(x, epochs=1, progress=False, seed=0)
+        with pytest.raises(FloatingPointError, match=r"non-finite .* at epoch \d+, step \d+; .*restored.* Try"):
+            density.fit(x, epochs=50, lr=1e30, validation_fraction=validation_fraction, progress=False, seed=0)
+        assert all(torch.isfinite(p).all() for p in density.parameters())
+        assert math.isfinite(density.evaluate(x))
+        # a NaN gradient: nothing is stepped, the weights stay as they were
+        before = copy.deepcopy(density.state_dict())
+        weight = next(density.parameters())
+        hook = weight.register_hook(lambda grad: grad * math.nan)
+        with pytest.raises(FloatingPointError, match="gradient norm nan"):
+            density.fit(x, epochs=3, validation_fraction=validation_fraction, progress=False, seed=0)
+        hook.remove()
+        after = density.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in after)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+def test_divergence_with_validation_restores_the_best_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    density = FlowDensity(2, flow=STACK, num_flows=2)
+    x = correlated(256)
+    density.fit(x, epochs=1, progress=False, seed=0)
+    states: list[dict[str, torch.Tensor]] = []
+    original = density._mean_nll
+
+    def recording(*args: object) -> float:
+        states.append(copy.deepcopy(density.state_dict()))
+        if len(states) == 3:  # the third epoch's weights are poisoned: the next steps diverge
+            with torch.no_grad():
+                next(density.parameters()).fill_(math.inf)
+        return original(*args)
+
+    monkeypatch.setattr(density, "_mean_nll", recording)
+    with pytest.raises(FloatingPointError, match=r"best validated values \(epoch [01]\)"):
+        density.fit(x, epochs=10, lr=1e-3, progress=False, seed=0)
+    final = density.state_dict()
+    assert any(all(torch.equal(final[k], state[k]) for k in final) for state in states[:2])
+
+
+def test_load_state_dict_with_assign_follows_the_new_dtype() -> None:
+    density = FlowDensity(2, flow="maf", num_flows=2, hidden_dims=(8,))
+    donor = FlowDensity(2, flow="maf", num_flows=2, hidden_dims=(8,)).double()
+    density.load_state_dict(donor.state_dict(), assign=True)
+    x = correlated(8).double()
+    assert density.log_prob(x).dtype == torch.float64
+    assert torch.equal(density.log_prob(x), donor.log_prob(x))
+    history = density.fit(x.repeat(8, 1), epochs=1, progress=False, seed=0)
+    assert math.isfinite(history.train_nll[0])
+
+
+def test_log_prob_timing_matches_the_distribution_path() -> None:
+    # log_prob is distribution().log_prob: one code path, identical values
+    density = FlowDensity(2, flow="iaf", num_flows=2, hidden_dims=(8,))
+    x = correlated(16)
+    assert torch.equal(density.log_prob(x), density.distribution().log_prob(x))

@@ -294,3 +294,60 @@ def test_fit_svi_records_and_plots_the_elbo():
     assert plot_elbo([1.0, 2.0, 3.0]) is not None
     with pytest.raises(ValueError, match="num_steps"):
         fit_svi(conjugate_model, guide, y, num_steps=-1)
+
+
+def _store_values() -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {name: store.get_param(name).unconstrained().detach().clone() for name in store.get_all_param_names()}
+
+
+def test_fit_svi_progress_bar_is_switchable(capsys):
+    y = conjugate_data()
+    fit_svi(conjugate_model, AutoNormal(conjugate_model), y, num_steps=5, progress=False)
+    assert capsys.readouterr().err == ""
+    fit_svi(conjugate_model, AutoNormal(conjugate_model), y, num_steps=5, clear_param_store=True, progress=True)
+    assert "svi" in capsys.readouterr().err
+
+
+def test_fit_svi_accepts_pyro_optimizers_and_checks_them():
+    y = conjugate_data()
+    for optim in (
+        pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.999}),
+        pyro.optim.Adam(lambda name: {"lr": 0.05 if "loc" in name else 0.01}),
+    ):
+        pyro.clear_param_store()
+        trace = fit_svi(conjugate_model, AutoNormal(conjugate_model), y, num_steps=100, optim=optim, progress=False)
+        assert np.mean(trace.elbo[-10:]) > np.mean(trace.elbo[:10])
+    with pytest.raises(TypeError, match="grad_clip"):
+        fit_svi(conjugate_model, AutoNormal(conjugate_model), y, optim=pyro.optim.Adam({"lr": 0.1}, {"clip_norm": 1.0}))
+    with pytest.raises(ValueError, match="grad_clip"):
+        fit_svi(conjugate_model, AutoNormal(conjugate_model), y, grad_clip=0.0)
+    assert fit_svi(conjugate_model, AutoNormal(conjugate_model), y, num_steps=0).elbo == []
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+@pytest.mark.parametrize("validate_args", [True, False])
+def test_fit_svi_divergence_is_a_clear_error_and_leaves_finite_parameters(validate_args):
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(validate_args)
+    try:
+        y = conjugate_data()
+        guide = AutoNormal(conjugate_model)
+        with pytest.raises(FloatingPointError, match=r"svi: non-finite .* step \d+; .*last finite values"):
+            fit_svi(conjugate_model, guide, y, num_steps=50, lr=1e30, progress=False)
+        values = _store_values()
+        assert values and all(torch.isfinite(v).all() for v in values.values())
+        # a NaN gradient at the first step: nothing is stepped
+        pyro.clear_param_store()
+        guide = AutoNormal(conjugate_model)
+        fit_svi(conjugate_model, guide, y, num_steps=5, progress=False)
+        before = _store_values()
+        hooks = [pyro.param(name).unconstrained().register_hook(lambda g: g * math.nan) for name in before]
+        with pytest.raises(FloatingPointError, match="gradient norm nan"):
+            fit_svi(conjugate_model, guide, y, num_steps=5, progress=False)
+        for hook in hooks:
+            hook.remove()
+        after = _store_values()
+        assert all(torch.equal(after[name], before[name]) for name in before)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)

@@ -1,4 +1,4 @@
-"""Density estimation with normalizing flows: :class:`FlowDensity`, toy data sets and dequantization.
+"""Density estimation with normalizing flows: :class:`FlowDensity`, :func:`fit_density`, toys, dequantization.
 
 Example:
     >>> import torch
@@ -21,7 +21,8 @@ from pyro_flows.density.data import (
     rings,
     two_moons,
 )
-from pyro_flows.density.flow_density import FitHistory, FlowDensity
+from pyro_flows.density.fit import FitHistory, fit_density
+from pyro_flows.density.flow_density import FlowDensity
 
 __all__ = [
     "CHECKERBOARD_ENTROPY",
@@ -32,6 +33,7 @@ __all__ = [
     "checkerboard",
     "dequantize",
     "eight_gaussians",
+    "fit_density",
     "rings",
     "two_moons",
 ]

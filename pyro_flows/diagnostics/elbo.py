@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyro
-from pyro.infer import SVI, Trace_ELBO
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
 from pyro.optim import PyroOptim
+from pyro.optim.lr_scheduler import PyroLRScheduler
+from torch import Tensor
+
+from pyro_flows.training import check_options, make_adam, train
 
 __all__ = ["ELBOTrace", "fit_svi", "plot_elbo"]
 
@@ -55,6 +60,24 @@ class ELBOTrace:
         return plot_elbo(self, ax=ax, label=label, window=window)
 
 
+def _torch_optimizer(optim: PyroOptim, params: list[Tensor]) -> torch.optim.Optimizer:
+    """The torch optimizer that ``optim`` builds, over all of ``params`` (one group each for per-parameter args).
+
+    Raises:
+        TypeError: a Pyro learning-rate scheduler, or an optimizer with Pyro's per-parameter ``clip_args``.
+
+    """
+    if isinstance(optim, PyroLRScheduler) or optim.pt_clip_args:
+        raise TypeError(
+            "fit_svi takes a plain Pyro optimizer (e.g. pyro.optim.Adam or ClippedAdam): for clipping use "
+            "grad_clip=, for a learning-rate schedule a scheduler-free optimizer with a decay (ClippedAdam's lrd)"
+        )
+    if callable(optim.pt_optim_args):
+        groups = [{"params": [param], **optim._get_optim_args(param)} for param in params]
+        return optim.pt_optim_constructor(groups)
+    return optim.pt_optim_constructor(params, **optim.pt_optim_args)
+
+
 def fit_svi(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -66,9 +89,17 @@ def fit_svi(
     num_particles: int = 1,
     vectorize_particles: bool = False,
     clear_param_store: bool = False,
+    grad_clip: float | None = None,
+    progress: bool = True,
     **kwargs: Any,
 ) -> ELBOTrace:
     """Run ``num_steps`` of SVI on ``(model, guide)`` and return the ELBO trace.
+
+    The steps run in the package's one training loop (:func:`pyro_flows.training.train`): each minimizes
+    ``loss.differentiable_loss(model, guide, *args, **kwargs)`` over the parameters that the first evaluation of
+    the loss registers in Pyro's parameter store. A non-finite loss or gradient stops the run with a
+    ``FloatingPointError`` naming the step; the parameters are left at their last finite values (those of the last
+    step whose loss and gradient were finite).
 
     Args:
         model: the Pyro model.
@@ -76,45 +107,65 @@ def fit_svi(
         *args: model/guide arguments.
         num_steps: number of optimization steps.
         lr: Adam learning rate (ignored when ``optim`` is given).
-        optim: a Pyro optimizer (default ``pyro.optim.Adam({"lr": lr})``).
-        loss: an ELBO (default ``Trace_ELBO(num_particles, vectorize_particles)``).
+        optim: a Pyro optimizer such as ``pyro.optim.ClippedAdam({...})`` (default: Adam with ``lr``, fused
+            kernel where available); per-parameter arguments (a callable) are supported, Pyro's ``clip_args``
+            and learning-rate schedulers are not (use ``grad_clip``, or ClippedAdam's ``lrd``).
+        loss: an ELBO with a ``differentiable_loss`` method (default ``Trace_ELBO(num_particles,
+            vectorize_particles)``).
         num_particles: particles per step of the default loss.
         vectorize_particles: vectorize the particles of the default loss.
         clear_param_store: clear Pyro's parameter store before fitting.
+        grad_clip: clip the total gradient norm to this value (``None``: no clipping).
+        progress: show a ``tqdm`` bar over the steps with the running loss.
         **kwargs: model/guide keyword arguments.
 
     Returns:
         The ELBO trace of the run.
 
     Raises:
-        ValueError: if ``num_steps`` is negative or a step returns a non-finite loss.
+        ValueError: ``num_steps`` is negative, or a bad ``lr`` / ``grad_clip`` (named in the message).
+        TypeError: a loss without ``differentiable_loss``, or an unsupported Pyro optimizer.
+        FloatingPointError: a step's loss or gradient is non-finite (the message names the step).
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro.infer.autoguide import AutoNormal
         >>> def model():
         ...     pyro.sample("z", dist.Normal(3.0, 1.0))
         >>> pyro.set_rng_seed(0)
-        >>> trace = fit_svi(model, AutoNormal(model), num_steps=20, clear_param_store=True)
+        >>> trace = fit_svi(model, AutoNormal(model), num_steps=20, clear_param_store=True, progress=False)
         >>> len(trace.elbo)
         20
 
     """
-    if num_steps < 0:
-        raise ValueError(f"num_steps must be non-negative, got {num_steps}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
+    check_options(epochs=max(num_steps, 1), lr=lr, grad_clip=grad_clip)
+    elbo = (
+        loss if loss is not None else Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize_particles)
+    )
+    if not callable(getattr(elbo, "differentiable_loss", None)):
+        raise TypeError(f"fit_svi needs a loss with a differentiable_loss method, got {type(elbo).__name__}")
     if clear_param_store:
         pyro.clear_param_store()
-    optim = optim or pyro.optim.Adam({"lr": lr})
-    loss = loss or Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize_particles)
-    svi = SVI(model, guide, optim, loss)
     trace = ELBOTrace()
-    start = time.perf_counter()
-    for step in range(num_steps):
-        value = svi.step(*args, **kwargs)
-        if not math.isfinite(value):
-            raise ValueError(f"SVI loss is {value} at step {step}: lower the learning rate or check the model")
+    if num_steps == 0:
+        return trace
+
+    def step(_: Any) -> Tensor:
+        return elbo.differentiable_loss(model, guide, *args, **kwargs)
+
+    # one evaluation registers the guide's (and model's) parameters in the parameter store
+    with poutine.trace(param_only=True) as capture, torch.no_grad():
+        step(None)
+    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    optimizer = make_adam(params, lr) if optim is None else _torch_optimizer(optim, params)
+    result = train(
+        step, params, epochs=num_steps, optimizer=optimizer, grad_clip=grad_clip, progress=progress, desc="svi"
+    )
+    for value in result.losses:
         trace.record(value)
-    trace.seconds = time.perf_counter() - start
+    trace.seconds = result.seconds
     return trace
 
 

@@ -325,7 +325,7 @@ class ParametricFlow(Flow):
     ) -> None:
         super().__init__(event_shape, context_dim=context_dim)
         if context_hidden_dims is not None and not self.context_dim:
-            raise ValueError("context_hidden_dims sets the hypernetwork of a conditional flow: it needs context_dim > 0")
+            raise ValueError("context_hidden_dims sets the hypernetwork of conditional flows: it needs context_dim > 0")
         widths = check_widths((64,) if context_hidden_dims is None else context_hidden_dims, "context_hidden_dims")
         self.param_shapes: dict[str, torch.Size] = {}
         if self.context_dim:

@@ -38,8 +38,8 @@ def bracketed_newton(
     evaluated point by the sign of :math:`g`, and a Newton step that leaves it (or is NaN) is replaced by bisection.
     The iteration stops when every element's step or residual is at most :math:`4\epsilon (1 + |x|)` (``ε`` the
     dtype's machine epsilon) or its bracket is 16 times that, i.e. to machine precision; convergence is guaranteed
-    (bisection halves the bracket) and is quadratic near simple roots. Runs without autograd: apply one differentiable Newton step at
-    the returned root to get implicit-function gradients.
+    (bisection halves the bracket) and is quadratic near simple roots. Runs without autograd: apply one
+    differentiable Newton step at the returned root to get implicit-function gradients.
 
     Args:
         fn: ``x ↦ (g(x), g'(x))``, element-wise on tensors of the shape of ``start``.
