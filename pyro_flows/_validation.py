@@ -9,7 +9,8 @@ from typing import Any
 def check_size(value: Any, name: str, minimum: int = 1) -> int:
     """Return ``value`` as an ``int`` if it is an integer ``≥ minimum``, else raise a ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+        kind = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     return int(value)
 
 
