@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,15 @@ def check_size(value: Any, name: str, minimum: int = 1) -> int:
         kind = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return int(value)
+
+
+def check_real(value: Any, name: str, positive: bool = False) -> float:
+    """Return ``value`` as a ``float`` if it is finite (and ``> 0`` with ``positive``), else raise a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return float(value)
 
 
 def check_widths(value: Any, name: str) -> tuple[int, ...]:

@@ -209,3 +209,52 @@ def test_tracing_a_data_dependent_flow_is_refused(name: str) -> None:
     flow = registry[name](3)
     with pytest.raises(RuntimeError, match="cannot be traced"):
         torch.jit.trace(flow, torch.randn(2, 3), check_trace=False)
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: registry["spline_coupling"](3, bound=math.nan), "bound"),
+        (lambda: registry["spline_coupling"](3, bound=math.inf), "bound"),
+        (lambda: registry["spline_iaf"](3, num_bins=1500), "num_bins"),
+        (lambda: registry["spline_maf"](3, num_bins=2.5), "num_bins"),
+        (lambda: registry["affine_coupling"](3, log_scale_bound=math.inf), "log_scale_bound"),
+        (lambda: registry["maf"](3, log_scale_bound=math.nan), "log_scale_bound"),
+        (lambda: registry["iaf"](3, gate_bias=math.nan), "gate_bias"),
+        (lambda: registry["householder"](3, num_reflections=0), "num_reflections"),
+        (lambda: registry["residual"](3, num_samples=0), "num_samples"),
+    ],
+)
+def test_bad_hyper_parameters_are_rejected_at_construction(make, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_planar_constraint_holds_for_extreme_raw_parameters(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    flow = Planar(5).to(dtype)
+    with torch.no_grad():
+        flow.u.copy_(-1e6 * flow.w / flow.w.pow(2).sum() + torch.randn(5, dtype=dtype))
+    u_hat, _ = flow._u_hat(flow.u, flow.w)
+    assert (flow.w.double() * u_hat.double()).sum() > -1.0  # the Jacobian's determinant stays positive
+    x = torch.randn(50, 5, dtype=dtype)
+    y = flow(x)
+    assert torch.isfinite(flow.log_abs_det_jacobian(x, y)).all()
+    with torch.no_grad():
+        flow.w.zero_()  # w = 0: a translation, log-det 0, exact inverse
+    x = x.clone()  # a new input (the transform caches the last pair by identity)
+    y = flow(x)
+    assert torch.equal(flow.log_abs_det_jacobian(x, y), torch.zeros(50, dtype=dtype))
+    flow.clear_cache()
+    assert torch.allclose(flow.inv(y), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_radial_stays_finite_for_extreme_raw_parameters(dtype: torch.dtype) -> None:
+    flow = registry["radial"](4).to(dtype)
+    with torch.no_grad():
+        flow.raw_alpha.fill_(1e6)
+    x = torch.randn(6, 4, dtype=dtype)
+    y = flow(x)
+    assert torch.isfinite(y).all() and torch.isfinite(flow.log_abs_det_jacobian(x, y)).all()

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyro_flows.transforms._splines import num_spline_params, rational_quadratic_spline
+from pyro_flows._validation import check_real, check_size
+from pyro_flows.transforms._splines import MIN_BIN, num_spline_params, rational_quadratic_spline
 
 
 def soft_clamp(raw: Tensor, bound: float) -> Tensor:
@@ -43,9 +44,7 @@ class AffineMap(ElementwiseMap):
     num_params = 2
 
     def __init__(self, log_scale_bound: float) -> None:
-        if log_scale_bound <= 0:
-            raise ValueError(f"log_scale_bound must be positive, got {log_scale_bound}")
-        self.bound = float(log_scale_bound)
+        self.bound = check_real(log_scale_bound, "log_scale_bound", positive=True)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """See :class:`ElementwiseMap`."""
@@ -92,7 +91,7 @@ class GatedMap(ElementwiseMap):
     num_params = 2
 
     def __init__(self, gate_bias: float) -> None:
-        self.gate_bias = float(gate_bias)
+        self.gate_bias = check_real(gate_bias, "gate_bias")
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """See :class:`ElementwiseMap`."""
@@ -112,10 +111,12 @@ class SplineMap(ElementwiseMap):
     """Rational-quadratic spline with ``num_bins`` bins on ``[-bound, bound]``, identity outside (see ``_splines``)."""
 
     def __init__(self, num_bins: int, bound: float) -> None:
-        if num_bins < 1 or bound <= 0:
-            raise ValueError(f"splines need num_bins >= 1 and bound > 0, got {num_bins} and {bound}")
-        self.num_bins = int(num_bins)
-        self.bound = float(bound)
+        self.num_bins = check_size(num_bins, "num_bins")
+        if self.num_bins * MIN_BIN >= 1:
+            raise ValueError(
+                f"num_bins must be below {round(1 / MIN_BIN)} (each bin keeps ≥ {MIN_BIN} of the interval)"
+            )
+        self.bound = check_real(bound, "bound", positive=True)
         self.num_params = num_spline_params(self.num_bins)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:

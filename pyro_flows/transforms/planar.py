@@ -146,11 +146,21 @@ class Planar(ParametricFlow):
 
     @staticmethod
     def _u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Return :math:`\hat u` and :math:`w^\top \hat u`."""
+        r"""Return :math:`\hat u` and :math:`s = w^\top \hat u`.
+
+        :math:`\hat u = u_\perp + m(w^\top u)\, w / \lVert w \rVert^2` with :math:`u_\perp` the part of :math:`u`
+        orthogonal to :math:`w`, projected twice (the second pass removes the round-off of a large parallel
+        part), so :math:`w^\top \hat u = m > -1` holds to round-off of :math:`\hat u` itself for any raw values in
+        float32 too. ``w = 0`` is a translation: :math:`s = 0`.
+        """
+        sq = w.pow(2).sum(-1, keepdim=True)
+        nonzero = sq > 0
+        sq = torch.where(nonzero, sq, torch.ones_like(sq))
         wu = (w * u).sum(-1, keepdim=True)
-        sq = w.pow(2).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        s = F.softplus(wu) + (MIN_POSITIVE - 1.0)
-        return torch.addcmul(u, (s - wu) / sq, w), s.squeeze(-1)
+        u_perp = torch.addcmul(u, wu / sq, w, value=-1.0)
+        u_perp = torch.addcmul(u_perp, (w * u_perp).sum(-1, keepdim=True) / sq, w, value=-1.0)
+        s = torch.where(nonzero, F.softplus(wu) + (MIN_POSITIVE - 1.0), torch.zeros_like(wu))
+        return torch.addcmul(u_perp, s / sq, w), s.squeeze(-1)
 
     @staticmethod
     def _log_det(act: Tensor, s: Tensor) -> Tensor:

@@ -56,31 +56,33 @@ class Radial(ParametricFlow):
         self.add_raw_param("raw_beta", torch.full((), RAW_ONE))
 
     @staticmethod
-    def _alpha_beta(params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        alpha = positive(params["raw_alpha"])
-        return alpha.unsqueeze(-1), (positive(params["raw_beta"]) - alpha).unsqueeze(-1)
+    def _alpha_gamma(params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        r""":math:`\alpha` and :math:`\gamma = \alpha + \beta`, both positive (no cancellation for any raw values)."""
+        return positive(params["raw_alpha"]).unsqueeze(-1), positive(params["raw_beta"]).unsqueeze(-1)
 
-    def _log_det(self, alpha: Tensor, beta: Tensor, r: Tensor) -> Tensor:
-        h = 1.0 / (alpha + r)
-        log_det = (self.dim - 1) * torch.log1p(beta * h) + torch.log1p(alpha * beta * h * h)
-        return log_det.squeeze(-1)
+    def _log_det(self, alpha: Tensor, gamma: Tensor, r: Tensor) -> Tensor:
+        # 1 + βh = (γ + r) / (α + r) and 1 + αβh² = (r (2α + r) + αγ) / (α + r)²: sums of positive terms
+        log_a = torch.log(alpha + r)
+        log_det = (self.dim - 1) * (torch.log(gamma + r) - log_a) + torch.log(r * (2.0 * alpha + r) + alpha * gamma)
+        return (log_det - 2.0 * log_a).squeeze(-1)
 
     def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, beta = self._alpha_beta(params)
-        diff = x - params["center"]
+        alpha, gamma = self._alpha_gamma(params)
+        center = params["center"]
+        diff = x - center
         r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-        y = x + beta / (alpha + r) * diff
-        return y, expand_log_det(self._log_det(alpha, beta, r), x, 1)
+        y = center + diff * ((gamma + r) / (alpha + r))
+        return y, expand_log_det(self._log_det(alpha, gamma, r), x, 1)
 
     def _inverse_with(self, params: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, beta = self._alpha_beta(params)
+        alpha, gamma = self._alpha_gamma(params)
         center = params["center"]
         diff = y - center
         r_out = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-        p = alpha + beta - r_out
+        p = gamma - r_out
         root = torch.sqrt(p * p + 4.0 * alpha * r_out)
         # both branches are the same root; each is evaluated where it has no cancellation
         safe = torch.where(p > 0, p + root, torch.ones_like(root))
         r = torch.where(p > 0, 2.0 * alpha * r_out / safe, 0.5 * (root - p))
-        x = center + diff / (1.0 + beta / (alpha + r))
-        return x, expand_log_det(self._log_det(alpha, beta, r), y, 1)
+        x = center + diff * ((alpha + r) / (gamma + r))
+        return x, expand_log_det(self._log_det(alpha, gamma, r), y, 1)
