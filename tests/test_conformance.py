@@ -178,9 +178,13 @@ def test_context_changes_output_and_batches_consistently(case: Case) -> None:
     module = build(case)
     x = points(case, 4)
     c = contexts(4)
-    y_batched = module.condition(c)(x)
+    conditioned = module.condition(c)
+    y_batched = conditioned(x)
     y_single = torch.stack([module.condition(c[i])(x[i]) for i in range(4)])
-    assert torch.allclose(y_batched, y_single, atol=1e-10)
+    # exact flows agree to round-off; adaptive ODE solves share step sizes within a batch, so they agree to the
+    # accuracy the flow states (its inverse_atol)
+    atol = 1e-10 if conditioned.inverse_atol <= 1e-6 else conditioned.inverse_atol
+    assert torch.allclose(y_batched, y_single, atol=atol)
     y_other = module.condition(contexts(4))(x)
     assert not torch.allclose(y_batched, y_other)
     with pytest.raises(ValueError, match="shape"):

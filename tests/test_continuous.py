@@ -69,10 +69,11 @@ def test_odenet_exact_trace_and_hutchinson_probe(context_dim: int) -> None:
 
 
 def test_starts_at_identity_auto_mode_and_nfe() -> None:
-    flow = FFJORD(3)
+    flow = FFJORD(3, method="rk4")
     x = torch.randn(4, 3)
     assert torch.equal(flow(x), x)
     assert flow.last_nfe == 40
+    assert torch.allclose(FFJORD(3)(x), x)
     assert FFJORD(16).trace_mode == "exact" and FFJORD(17).trace_mode == "hutchinson"
 
 
@@ -140,3 +141,15 @@ def test_bad_arguments_raise() -> None:
     for kwargs in ({"trace": "bogus"}, {"noise": "uniform"}, {"time": -1.0}, {"steps": 0}):
         with pytest.raises(ValueError):
             FFJORD(3, **kwargs)
+
+
+def test_the_default_solver_meets_the_stated_tolerance_at_random_parameters() -> None:
+    flow = perturb(FFJORD(3).double(), scale=2.5)  # RK4 with 10 steps misses it here by 200x (2e-3)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = flow(x)
+    log_det = flow.log_abs_det_jacobian(x, y)
+    flow.clear_cache()
+    assert (flow.inv(y.clone()) - x).abs().max() < flow.inverse_atol
+    flow.clear_cache()
+    exact = torch.stack([torch.linalg.slogdet(jacobian(lambda v: flow(v), xi))[1] for xi in x])
+    assert (log_det - exact).abs().max() < 10 * flow.inverse_atol
