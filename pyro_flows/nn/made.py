@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_flows._validation import check_widths
+from pyro_flows._validation import check_size, check_widths
 
 __all__ = ["MADE", "MaskedLinear", "made_degrees"]
 
@@ -144,11 +144,8 @@ class MADE(nn.Module):
     ) -> None:
         super().__init__()
         hidden_dims = check_widths(hidden_dims, "hidden_dims")
-        if dim < 1 or num_params < 1 or context_dim < 0 or any(h < 1 for h in hidden_dims):
-            raise ValueError(
-                f"MADE sizes must be positive, got dim={dim}, num_params={num_params}, "
-                f"hidden_dims={hidden_dims}, context_dim={context_dim}"
-            )
+        dim, num_params = check_size(dim, "dim"), check_size(num_params, "num_params")
+        context_dim = check_size(context_dim, "context_dim", minimum=0)
         if residual and len(set(hidden_dims)) > 1:
             raise ValueError(f"residual MADE needs equal hidden widths, got {hidden_dims}")
         self.dim = dim

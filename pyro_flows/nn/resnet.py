@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from pyro_flows._validation import check_widths
+from pyro_flows._validation import check_size, check_widths
 
 __all__ = ["ResidualNet"]
 
@@ -48,11 +48,10 @@ class ResidualNet(nn.Module):
     ) -> None:
         super().__init__()
         hidden_dims = check_widths(hidden_dims, "hidden_dims")
-        if in_features < 1 or out_features < 1 or context_dim < 0 or not hidden_dims or min(hidden_dims) < 1:
-            raise ValueError(
-                f"ResidualNet sizes must be positive, got in={in_features}, out={out_features}, "
-                f"hidden={hidden_dims}, context_dim={context_dim}"
-            )
+        if not hidden_dims:
+            raise ValueError("a ResidualNet needs at least one hidden layer (hidden_dims is empty)")
+        in_features, out_features = check_size(in_features, "in_features"), check_size(out_features, "out_features")
+        context_dim = check_size(context_dim, "context_dim", minimum=0)
         if residual and len(set(hidden_dims)) > 1:
             raise ValueError(f"a residual network needs equal hidden widths, got {hidden_dims}")
         self.residual = residual
