@@ -1,18 +1,22 @@
 r"""Lipschitz-constrained networks for residual flows: spectral-normalized linear layers and LipSwish.
 
-A residual block :math:`f(x) = x + g(x)` is invertible when :math:`\mathrm{Lip}(g) < 1` (Behrmann et al. 2019).
-:class:`LipschitzMLP` guarantees it *by construction*, for any raw parameter values: every linear layer uses
+A residual block $f(x) = x + g(x)$ is invertible when $\mathrm{Lip}(g) < 1$ (Behrmann et al. 2019).
+[`LipschitzMLP`][pyro_flows.nn.LipschitzMLP] guarantees it *by construction*, for any raw parameter values: every linear
+layer uses
 
-.. math:: \hat W = W \cdot \min\!\bigl(1, c / \sigma_{\max}(W)\bigr), \qquad c < 1,
+$$
+\hat W = W \cdot \min\!\bigl(1, c / \sigma_{\max}(W)\bigr), \qquad c < 1,
+$$
 
-with the **exact** spectral norm :math:`\sigma_{\max}` (``torch.linalg.matrix_norm(W, 2)``, an SVD per call; no
-power-iteration estimate that could under-estimate it), and every activation is :class:`LipSwish`, which is
-1-Lipschitz. Hence :math:`\mathrm{Lip}(g) \le \prod_i \sigma_{\max}(\hat W_i) \le c^{L}` for ``L`` linear layers.
+with the **exact** spectral norm $\sigma_{\max}$ (``torch.linalg.matrix_norm(W, 2)``, an SVD per call; no
+power-iteration estimate that could under-estimate it), and every activation is [`LipSwish`][pyro_flows.nn.LipSwish],
+which is 1-Lipschitz. Hence $\mathrm{Lip}(g) \le \prod_i \sigma_{\max}(\hat W_i) \le c^{L}$ for ``L`` linear layers.
 
 Because the network is a plain chain of affine maps and elementwise activations, its Jacobian
-:math:`J_g(x) = \hat W_L \, \mathrm{diag}(\phi'(h_{L-1})) \cdots \mathrm{diag}(\phi'(h_1)) \, \hat W_1` is available in
-closed form: :meth:`LipschitzMLP.linearize` returns the output together with a :class:`Linearization` offering
-vector-Jacobian products and the full Jacobian, differentiable with ordinary autograd (no nested ``autograd.grad``).
+$J_g(x) = \hat W_L \, \mathrm{diag}(\phi'(h_{L-1})) \cdots \mathrm{diag}(\phi'(h_1)) \, \hat W_1$ is available in
+closed form: [`LipschitzMLP.linearize`][pyro_flows.nn.LipschitzMLP.linearize] returns the output together with a
+`Linearization` offering vector-Jacobian products and the full Jacobian, differentiable with ordinary autograd (no
+nested ``autograd.grad``).
 """
 
 from __future__ import annotations
@@ -36,16 +40,16 @@ _RAW_BETA_ONE = math.log(math.expm1(1.0))
 
 
 class LipSwish(nn.Module):
-    r"""LipSwish activation :math:`\phi(x) = x\,\mathrm{sigmoid}(\beta x) / 1.1` (Chen et al. 2019).
+    r"""LipSwish activation $\phi(x) = x\,\mathrm{sigmoid}(\beta x) / 1.1$ (Chen et al. 2019).
 
-    :math:`\beta = \mathrm{softplus}(\rho) > 0` is learned per feature. Since :math:`|d/dt\,[t\,\mathrm{sigmoid}(t)]|
-    \le 1.0998`, :math:`|\phi'| < 1` for any :math:`\rho`: the activation is 1-Lipschitz and, unlike ReLU, smooth
+    $\beta = \mathrm{softplus}(\rho) > 0$ is learned per feature. Since $|d/dt\,[t\,\mathrm{sigmoid}(t)]|
+    \le 1.0998$, $|\phi'| < 1$ for any $\rho$: the activation is 1-Lipschitz and, unlike ReLU, smooth
     (its derivative is continuous, which the log-det gradient needs).
 
     Args:
-        features: number of features (one :math:`\beta` each), initialized at :math:`\beta = 1`.
+        features: number of features (one $\beta$ each), initialized at $\beta = 1$.
 
-    Example:
+    Examples:
         >>> import torch
         >>> act = LipSwish(3)
         >>> value, slope = act.value_and_slope(torch.randn(4, 3))
@@ -64,27 +68,27 @@ class LipSwish(nn.Module):
         return x * torch.sigmoid(beta * x) / _SWISH_MAX_SLOPE
 
     def value_and_slope(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Return :math:`\phi(x)` and :math:`\phi'(x) = [s + \beta x s (1 - s)] / 1.1`, :math:`s = \sigma(\beta x)`."""
+        r"""Return $\phi(x)$ and $\phi'(x) = [s + \beta x s (1 - s)] / 1.1$, $s = \sigma(\beta x)$."""
         beta = F.softplus(self.raw_beta)
         s = torch.sigmoid(beta * x)
         return x * s / _SWISH_MAX_SLOPE, (s + beta * x * s * (1 - s)) / _SWISH_MAX_SLOPE
 
 
 class SpectralNormLinear(nn.Module):
-    r"""Affine layer :math:`h = \hat W x + V c + b` whose ``x``-part has spectral norm at most ``coeff``.
+    r"""Affine layer $h = \hat W x + V c + b$ whose ``x``-part has spectral norm at most ``coeff``.
 
-    :math:`\hat W = W \min(1, c/\sigma_{\max}(W))` with the exact largest singular value, so the bound holds for any
-    raw :math:`W` (cost: one SVD of the ``out × in`` weight per call). The optional context term :math:`V c` is
+    $\hat W = W \min(1, c/\sigma_{\max}(W))$ with the exact largest singular value, so the bound holds for any
+    raw $W$ (cost: one SVD of the ``out × in`` weight per call). The optional context term $V c$ is
     unconstrained: it shifts the layer without changing its Lipschitz constant in ``x``.
 
     Args:
         in_features: size of ``x``.
         out_features: output size.
-        coeff: the bound :math:`c` on :math:`\sigma_{\max}(\hat W)`, in ``(0, 1]``.
+        coeff: the bound $c$ on $\sigma_{\max}(\hat W)$, in ``(0, 1]``.
         context_features: size of the context ``c`` (0: no context).
-        zero_init: start with :math:`W = 0`, :math:`b = 0` (the layer outputs :math:`V c`).
+        zero_init: start with $W = 0$, $b = 0$ (the layer outputs $V c$).
 
-    Example:
+    Examples:
         >>> import torch
         >>> layer = SpectralNormLinear(4, 3, coeff=0.9)
         >>> with torch.no_grad():
@@ -115,11 +119,11 @@ class SpectralNormLinear(nn.Module):
         self.context_weight = nn.Parameter(weight[:, in_features:].clone()) if context_features else None
 
     def normalized_weight(self) -> Tensor:
-        r"""Return :math:`\hat W = W \cdot c / \max(c, \sigma_{\max}(W))` (spectral norm ≤ ``coeff``)."""
+        r"""Return $\hat W = W \cdot c / \max(c, \sigma_{\max}(W))$ (spectral norm ≤ ``coeff``)."""
         return self.normalized_weight_and_norm()[0]
 
     def normalized_weight_and_norm(self) -> tuple[Tensor, float]:
-        r"""Return :math:`\hat W` and its spectral norm :math:`\min(c, \sigma_{\max}(W))` (one SVD)."""
+        r"""Return $\hat W$ and its spectral norm $\min(c, \sigma_{\max}(W))$ (one SVD)."""
         sigma = torch.linalg.matrix_norm(self.weight, 2)
         clamped = torch.clamp(sigma, min=self.coeff)
         return self.weight * (self.coeff / clamped), min(float(sigma.detach()), self.coeff)
@@ -144,11 +148,11 @@ class SpectralNormLinear(nn.Module):
 
 @dataclass(frozen=True)
 class Linearization:
-    r"""The Jacobian :math:`J = \hat W_L D_{L-1} \cdots D_1 \hat W_1` of a :class:`LipschitzMLP` at a point.
+    r"""The Jacobian $J = \hat W_L D_{L-1} \cdots D_1 \hat W_1$ of a `LipschitzMLP` at a point.
 
     Attributes:
-        weights: the normalized weights :math:`\hat W_i` (``out × in``).
-        slopes: the activation derivatives :math:`\mathrm{diag}(D_i)`, each of shape ``batch + (hidden_i,)``.
+        weights: the normalized weights $\hat W_i$ (``out × in``).
+        slopes: the activation derivatives $\mathrm{diag}(D_i)$, each of shape ``batch + (hidden_i,)``.
 
     """
 
@@ -160,7 +164,7 @@ class Linearization:
         return Linearization(tuple(w.detach() for w in self.weights), tuple(s.detach() for s in self.slopes))
 
     def vjp(self, u: Tensor) -> Tensor:
-        """Return :math:`u^T J` for ``u`` of shape ``(..., out)`` broadcasting with the batch shape."""
+        """Return $u^T J$ for ``u`` of shape ``(..., out)`` broadcasting with the batch shape."""
         for i in range(len(self.weights) - 1, -1, -1):
             u = u @ self.weights[i]
             if i > 0:
@@ -168,7 +172,7 @@ class Linearization:
         return u
 
     def jvp(self, v: Tensor) -> Tensor:
-        """Return :math:`J v` for ``v`` of shape ``(..., in)`` broadcasting with the batch shape."""
+        """Return $J v$ for ``v`` of shape ``(..., in)`` broadcasting with the batch shape."""
         for i, weight in enumerate(self.weights):
             v = v @ weight.transpose(0, 1)
             if i < len(self.slopes):
@@ -186,11 +190,12 @@ class Linearization:
 
 
 class LipschitzMLP(nn.Module):
-    r"""MLP :math:`g(x; c)` with :math:`\mathrm{Lip}_x(g) \le` ``coeff`` :sup:`L` < 1 for any parameter values.
+    r"""MLP $g(x; c)$ with $\mathrm{Lip}_x(g) \le c^L < 1$ ($c$ = ``coeff``) for any parameter values.
 
-    Layers: :class:`SpectralNormLinear` → :class:`LipSwish` → … → :class:`SpectralNormLinear`. The context (if any)
-    enters the first layer additively, so the bound holds in ``x`` for every context. The last layer starts at zero,
-    so ``g = 0`` and the residual block ``x + g(x)`` starts at the identity.
+    Layers: [`SpectralNormLinear`][pyro_flows.nn.SpectralNormLinear] → [`LipSwish`][pyro_flows.nn.LipSwish] → … →
+    [`SpectralNormLinear`][pyro_flows.nn.SpectralNormLinear]. The context (if any) enters the first layer additively,
+    so the bound holds in ``x`` for every context. The last layer starts at zero, so ``g = 0`` and the residual block
+    ``x + g(x)`` starts at the identity.
 
     Args:
         features: input and output size.
@@ -198,7 +203,7 @@ class LipschitzMLP(nn.Module):
         coeff: spectral-norm bound of each linear layer, in ``(0, 1)``.
         context_features: size of the context vector (0: unconditional).
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = LipschitzMLP(3, (8,))
         >>> value, lin = net.linearize(torch.randn(5, 3))
@@ -234,16 +239,17 @@ class LipschitzMLP(nn.Module):
         self.activations = nn.ModuleList(LipSwish(h) for h in hidden_dims)
 
     def normalized_weights(self) -> tuple[tuple[Tensor, ...], float]:
-        r"""Return the normalized weights :math:`\hat W_i` and the Lipschitz bound :math:`\prod_i \|\hat W_i\|_2`.
+        r"""Return the normalized weights $\hat W_i$ and the Lipschitz bound $\prod_i \|\hat W_i\|_2$.
 
-        Computing them once and passing them to :meth:`forward`/:meth:`linearize` saves the SVDs in loops
-        (e.g. the fixed-point inverse).
+        Computing them once and passing them to
+        [`forward`][pyro_flows.nn.LipschitzMLP.forward]/[`linearize`][pyro_flows.nn.LipschitzMLP.linearize] saves the
+        SVDs in loops (e.g. the fixed-point inverse).
         """
         pairs = [linear.normalized_weight_and_norm() for linear in self.linears]
         return tuple(w for w, _ in pairs), math.prod(n for _, n in pairs)
 
     def forward(self, x: Tensor, context: Tensor | None = None, weights: Sequence[Tensor] | None = None) -> Tensor:
-        """Return :math:`g(x; c)` for ``x`` of shape ``(..., features)`` (weights from :meth:`normalized_weights`)."""
+        """Return $g(x; c)$ for ``x`` of shape ``(..., features)`` (weights from `normalized_weights`)."""
         return self.linearize(x, context, weights, slopes=False)[0]
 
     def linearize(
@@ -253,7 +259,7 @@ class LipschitzMLP(nn.Module):
         weights: Sequence[Tensor] | None = None,
         slopes: bool = True,
     ) -> tuple[Tensor, Linearization]:
-        """Return :math:`g(x; c)` and its :class:`Linearization` at ``x`` (one pass, the same weights for both).
+        """Return $g(x; c)$ and its `Linearization` at ``x`` (one pass, the same weights for both).
 
         With ``slopes=False`` the activation derivatives are not computed (the linearization is then incomplete).
         """
@@ -270,5 +276,5 @@ class LipschitzMLP(nn.Module):
         return h, Linearization(weights, tuple(derivatives))
 
     def lipschitz_bound(self) -> float:
-        r"""A guaranteed bound :math:`\prod_i \sigma_{\max}(\hat W_i) \le c^L` on :math:`\mathrm{Lip}_x(g)`."""
+        r"""A guaranteed bound $\prod_i \sigma_{\max}(\hat W_i) \le c^L$ on $\mathrm{Lip}_x(g)$."""
         return self.normalized_weights()[1]

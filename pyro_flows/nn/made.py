@@ -1,14 +1,14 @@
 r"""MADE: masked autoencoder for distribution estimation (Germain et al. 2015), the autoregressive conditioner.
 
-Every unit carries a *degree*. Input :math:`i` has degree :math:`r_i \in \{1..D\}`, its rank in the
-autoregressive order; hidden units have degrees in :math:`\{1..D-1\}`. A hidden unit of degree :math:`k` may read
-units of degree :math:`\le k`, an output attached to input :math:`i` may read units of degree :math:`< r_i`. The
-output for coordinate :math:`i` is therefore a function of :math:`\{x_j : r_j < r_i\}` only, whatever the weights:
+Every unit carries a *degree*. Input $i$ has degree $r_i \in \{1..D\}$, its rank in the
+autoregressive order; hidden units have degrees in $\{1..D-1\}$. A hidden unit of degree $k$ may read
+units of degree $\le k$, an output attached to input $i$ may read units of degree $< r_i$. The
+output for coordinate $i$ is therefore a function of $\{x_j : r_j < r_i\}$ only, whatever the weights:
 the Jacobian of the network's outputs w.r.t. its inputs is strictly triangular in the order.
 
 Masks are built once (buffers, saved in ``state_dict`` and moved with the module); each forward multiplies each
 weight by its mask once and runs plain ``F.linear`` layers. Hidden widths may be smaller than D: hidden degrees are
-then spread evenly over :math:`1..D-1` (fewer connections, still autoregressive). A context vector enters the first
+then spread evenly over $1..D-1$ (fewer connections, still autoregressive). A context vector enters the first
 layer through an unmasked linear map (degree 0: every unit may read it).
 """
 
@@ -38,7 +38,7 @@ def made_degrees(dim: int, order: Order = "natural", generator: torch.Generator 
     Raises:
         ValueError: if an explicit order is not a permutation of ``range(dim)`` or the name is unknown.
 
-    Example:
+    Examples:
         >>> made_degrees(3, "reverse").tolist()
         [3, 2, 1]
 
@@ -76,7 +76,7 @@ class MaskedLinear(nn.Linear):
         mask: ``(out_features, in_features)`` mask; its shape sets the layer's sizes.
         bias: learn a bias.
 
-    Example:
+    Examples:
         >>> layer = MaskedLinear(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
         >>> layer.masked_weight()[0, 1].item()
         0.0
@@ -98,11 +98,11 @@ class MaskedLinear(nn.Linear):
 
 
 class MADE(nn.Module):
-    r"""Masked autoregressive network :math:`x \in \mathbb{R}^D \mapsto \theta \in \mathbb{R}^{P \times D}`.
+    r"""Masked autoregressive network $x \in \mathbb{R}^D \mapsto \theta \in \mathbb{R}^{P \times D}$.
 
     Output ``theta[..., p, i]`` depends only on the inputs before coordinate ``i`` in the order (and on the
     context). Layers: masked linear maps with ``activation`` in between; with ``residual=True`` each hidden→hidden
-    layer of equal width is a skip block :math:`h + W\,\mathrm{act}(h)` (the degrees are the same on both sides, so
+    layer of equal width is a skip block $h + W\,\mathrm{act}(h)$ (the degrees are the same on both sides, so
     the skip keeps the autoregressive property).
 
     Args:
@@ -123,7 +123,7 @@ class MADE(nn.Module):
             the length of the longest dependency chain between inputs (D for full-width networks, fewer when narrow
             hidden layers cut connections).
 
-    Example:
+    Examples:
         >>> net = MADE(4, num_params=2, hidden_dims=(8,))
         >>> net(torch.randn(10, 4)).shape
         torch.Size([10, 2, 4])

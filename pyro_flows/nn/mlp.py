@@ -19,7 +19,7 @@ class MLP(nn.Module):
         zero_last: initialize the last layer's weight and bias at zero, so the network starts as the constant 0
             (flows built on it then start at their context-independent / identity initialization).
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = MLP(3, 2, (16,), zero_last=True)
         >>> net(torch.randn(5, 3)).abs().max().item()

@@ -17,7 +17,7 @@ class ResidualNet(nn.Module):
 
     The context enters the first layer through its own linear map (``h_1 = W x + V c + b``), so ``x`` and ``c``
     only need broadcastable batch shapes. With ``residual=True`` every hidden→hidden layer of equal width is a skip
-    block :math:`h + W\,\mathrm{act}(h)`; with ``residual=False`` it is a plain MLP.
+    block $h + W\,\mathrm{act}(h)$; with ``residual=False`` it is a plain MLP.
 
     Args:
         in_features: input size.
@@ -28,7 +28,7 @@ class ResidualNet(nn.Module):
         activation: activation module class.
         zero_last: initialize the output layer at zero (flows built on the network then start at the identity).
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = ResidualNet(3, 4, (16, 16), context_dim=2)
         >>> net(torch.randn(5, 3), torch.randn(2)).shape

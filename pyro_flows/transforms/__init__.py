@@ -1,9 +1,9 @@
 r"""Normalizing-flow layers as Pyro ``TransformModule`` s, one module per family, and their registries.
 
 Every family module defines ``__all__``; its public names are re-exported here. Importing a family module
-registers its flows in :data:`registry`, :data:`conditional_registry` or :data:`image_registry`
-(see :mod:`pyro_flows.transforms.registry`), the name → factory mappings behind the one stack builder
-:func:`~pyro_flows.transforms.stack.build_flows` that guides and density estimators use.
+registers its flows in [`registry`][pyro_flows.transforms.registry], `conditional_registry` or `image_registry`
+(see [`pyro_flows.transforms.registry`][pyro_flows.transforms.registry]), the name → factory mappings behind the one
+stack builder [`build_flows`][pyro_flows.transforms.stack.build_flows] that guides and density estimators use.
 """
 
 from pyro_flows.transforms import (

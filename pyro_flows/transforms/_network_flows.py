@@ -1,6 +1,6 @@
 r"""Element-wise maps of the conditioner-network flows (autoregressive and coupling).
 
-Each is a bijection :math:`y_i = \tau(x_i; \theta_i)` whose parameters come from a conditioner network: affine
+Each is a bijection $y_i = \tau(x_i; \theta_i)$ whose parameters come from a conditioner network: affine
 with a soft-clamped log-scale, the gated IAF update, and rational-quadratic splines. Each takes parameters of shape
 ``(..., P, n)`` (P raw parameters per coordinate) and returns the output and the summed log-derivative of the
 forward map.
@@ -17,12 +17,12 @@ from pyro_flows.transforms._splines import MIN_BIN, num_spline_params, rational_
 
 
 def soft_clamp(raw: Tensor, bound: float) -> Tensor:
-    r"""Smoothly squash ``raw`` into :math:`(-B, B)`: :math:`B \tanh(\mathrm{raw} / B)` (slope 1 at 0)."""
+    r"""Smoothly squash ``raw`` into $(-B, B)$: $B \tanh(\mathrm{raw} / B)$ (slope 1 at 0)."""
     return bound * torch.tanh(raw / bound)
 
 
 class ElementwiseMap:
-    r"""An element-wise bijection family :math:`y_i = \tau(x_i; \theta_i)`, ``num_params`` raw parameters each."""
+    r"""An element-wise bijection family $y_i = \tau(x_i; \theta_i)$, ``num_params`` raw parameters each."""
 
     num_params: int
 
@@ -36,9 +36,9 @@ class ElementwiseMap:
 
 
 class AffineMap(ElementwiseMap):
-    r"""Affine map :math:`y = \mu + e^{s} x` with a soft-clamped log-scale.
+    r"""Affine map $y = \mu + e^{s} x$ with a soft-clamped log-scale.
 
-    :math:`s = B \tanh(\tilde s / B)`; params ``(μ, s̃)``; log-det :math:`\sum s`.
+    $s = B \tanh(\tilde s / B)$; params ``(μ, s̃)``; log-det $\sum s$.
     """
 
     num_params = 2
@@ -47,45 +47,45 @@ class AffineMap(ElementwiseMap):
         self.bound = check_real(log_scale_bound, "log_scale_bound", positive=True)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """See :class:`ElementwiseMap`."""
+        """See `ElementwiseMap`."""
         shift, log_scale = params.unbind(-2)
         log_scale = soft_clamp(log_scale, self.bound)
         return x * log_scale.exp() + shift, log_scale.sum(-1)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """See :class:`ElementwiseMap`."""
+        """See `ElementwiseMap`."""
         shift, log_scale = params.unbind(-2)
         log_scale = soft_clamp(log_scale, self.bound)
         return (y - shift) * (-log_scale).exp(), log_scale.sum(-1)
 
 
 class NormalizingAffineMap(AffineMap):
-    r"""Affine map parameterized in its *inverse* direction: :math:`x = y e^{s} + \mu`, :math:`y = (x - \mu) e^{-s}`.
+    r"""Affine map parameterized in its *inverse* direction: $x = y e^{s} + \mu$, $y = (x - \mu) e^{-s}$.
 
     For MAF, whose one-pass direction is the inverse (data → base): there the shift is added after the scale, so
-    :math:`\partial x / \partial \mu = 1` does not depend on the scale, which trains markedly better than
-    :math:`x = (y - \mu) e^{-s}` (see ``benchmarks/bench_autoregressive.py``). Log-det of the forward map:
-    :math:`-\sum s`.
+    $\partial x / \partial \mu = 1$ does not depend on the scale, which trains markedly better than
+    $x = (y - \mu) e^{-s}$ (see ``benchmarks/bench_autoregressive.py``). Log-det of the forward map:
+    $-\sum s$.
     """
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """See :class:`ElementwiseMap`."""
+        """See `ElementwiseMap`."""
         shift, log_scale = params.unbind(-2)
         log_scale = soft_clamp(log_scale, self.bound)
         return (x - shift) * (-log_scale).exp(), -log_scale.sum(-1)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """See :class:`ElementwiseMap`."""
+        """See `ElementwiseMap`."""
         shift, log_scale = params.unbind(-2)
         log_scale = soft_clamp(log_scale, self.bound)
         return y * log_scale.exp() + shift, -log_scale.sum(-1)
 
 
 class GatedMap(ElementwiseMap):
-    r"""Gated IAF update :math:`y = \sigma \odot x + (1 - \sigma) \odot m`, :math:`\sigma = \mathrm{sigmoid}(g + b)`.
+    r"""Gated IAF update $y = \sigma \odot x + (1 - \sigma) \odot m$, $\sigma = \mathrm{sigmoid}(g + b)$.
 
-    Params ``(m, g)``; log-det :math:`\sum \log \sigma` (``logsigmoid``); inverse
-    :math:`x = m + (y - m)(1 + e^{-(g + b)})`. ``b`` (``gate_bias``) starts :math:`\sigma` near 1.
+    Params ``(m, g)``; log-det $\sum \log \sigma$ (``logsigmoid``); inverse
+    $x = m + (y - m)(1 + e^{-(g + b)})$. ``b`` (``gate_bias``) starts $\sigma$ near 1.
     """
 
     num_params = 2
@@ -94,14 +94,14 @@ class GatedMap(ElementwiseMap):
         self.gate_bias = check_real(gate_bias, "gate_bias")
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """See :class:`ElementwiseMap`."""
+        """See `ElementwiseMap`."""
         mean, gate = params.unbind(-2)
         logit = gate + self.gate_bias
         sigma = torch.sigmoid(logit)
         return mean + sigma * (x - mean), F.logsigmoid(logit).sum(-1)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """See :class:`ElementwiseMap`."""
+        """See `ElementwiseMap`."""
         mean, gate = params.unbind(-2)
         logit = gate + self.gate_bias
         return mean + (y - mean) * (1 + (-logit).exp()), F.logsigmoid(logit).sum(-1)
@@ -120,11 +120,11 @@ class SplineMap(ElementwiseMap):
         self.num_params = num_spline_params(self.num_bins)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """See :class:`ElementwiseMap`."""
+        """See `ElementwiseMap`."""
         y, log_deriv = rational_quadratic_spline(x, params.transpose(-1, -2), self.bound)
         return y, log_deriv.sum(-1)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """See :class:`ElementwiseMap`."""
+        """See `ElementwiseMap`."""
         x, log_deriv = rational_quadratic_spline(y, params.transpose(-1, -2), self.bound, inverse=True)
         return x, log_deriv.sum(-1)

@@ -1,20 +1,21 @@
 r"""Monotonic rational-quadratic splines with linear tails (Durkan et al. 2019, "Neural Spline Flows").
 
-On :math:`[-B, B]` the map is a piecewise rational-quadratic function through :math:`K + 1` knots
-:math:`(x_k, y_k)` with positive derivatives :math:`d_k` at the knots; outside it is the identity (the boundary
-derivatives are fixed to 1, so the map is :math:`C^1`). In bin :math:`k`, with :math:`w = x_{k+1} - x_k`,
-:math:`h = y_{k+1} - y_k`, :math:`s = h / w`, :math:`\xi = (x - x_k) / w` and :math:`\tau = \xi (1 - \xi)`:
+On $[-B, B]$ the map is a piecewise rational-quadratic function through $K + 1$ knots
+$(x_k, y_k)$ with positive derivatives $d_k$ at the knots; outside it is the identity (the boundary
+derivatives are fixed to 1, so the map is $C^1$). In bin $k$, with $w = x_{k+1} - x_k$,
+$h = y_{k+1} - y_k$, $s = h / w$, $\xi = (x - x_k) / w$ and $\tau = \xi (1 - \xi)$:
 
-.. math::
-    y = y_k + \frac{h (s \xi^2 + d_k \tau)}{s + (d_{k+1} + d_k - 2 s) \tau}, \qquad
-    \frac{dy}{dx} = \frac{s^2 (d_{k+1} \xi^2 + 2 s \tau + d_k (1 - \xi)^2)}{(s + (d_{k+1} + d_k - 2 s) \tau)^2}.
+$$
+y = y_k + \frac{h (s \xi^2 + d_k \tau)}{s + (d_{k+1} + d_k - 2 s) \tau}, \qquad
+\frac{dy}{dx} = \frac{s^2 (d_{k+1} \xi^2 + 2 s \tau + d_k (1 - \xi)^2)}{(s + (d_{k+1} + d_k - 2 s) \tau)^2}.
+$$
 
-The inverse solves the quadratic :math:`a \xi^2 + b \xi + c = 0` for :math:`\xi \in [0, 1]` in closed form
-(:math:`c \le 0`, :math:`a + b = h s > 0`). The root is :math:`2c / (-b - \sqrt{b^2 - 4ac})`, which cancels
-catastrophically when :math:`b < 0` (steep, strongly curved bins: large conditioner outputs); there the algebraically
-equal :math:`(-b + \sqrt{b^2 - 4ac}) / 2a` is used instead (:math:`a > 0`). Everything is computed from the offset
-:math:`y - y_k` inside the bin, never from absolute positions, so that precision holds for extreme conditioner
-outputs (tiny bins, steep derivatives). Knot end points are set to exactly :math:`\pm B`.
+The inverse solves the quadratic $a \xi^2 + b \xi + c = 0$ for $\xi \in [0, 1]$ in closed form
+($c \le 0$, $a + b = h s > 0$). The root is $2c / (-b - \sqrt{b^2 - 4ac})$, which cancels
+catastrophically when $b < 0$ (steep, strongly curved bins: large conditioner outputs); there the algebraically
+equal $(-b + \sqrt{b^2 - 4ac}) / 2a$ is used instead ($a > 0$). Everything is computed from the offset
+$y - y_k$ inside the bin, never from absolute positions, so that precision holds for extreme conditioner
+outputs (tiny bins, steep derivatives). Knot end points are set to exactly $\pm B$.
 
 Raw parameters per coordinate: ``K`` widths, ``K`` heights (softmax, each bin ≥ 1e-3 of the interval) and ``K - 1``
 interior derivatives (``softplus + 1e-3``, shifted so that raw zeros give derivative 1): all raw zeros give the

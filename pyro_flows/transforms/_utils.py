@@ -11,7 +11,7 @@ from torch import Tensor
 
 #: Lower bound added to softplus-parameterized positive quantities, so that no raw value gives a singular map.
 MIN_POSITIVE = 1e-3
-#: Raw value whose :func:`positive` is exactly 1.
+#: Raw value whose `positive` is exactly 1.
 RAW_ONE = math.log(math.expm1(1.0 - MIN_POSITIVE))
 
 
@@ -62,7 +62,7 @@ def solve_triangular_vec(matrix: Tensor, y: Tensor, upper: bool, unit_diagonal: 
 
 
 def unit_vectors(v: Tensor) -> Tensor:
-    r"""Normalize the last dimension of ``v`` to unit length; zero vectors stay zero (their reflection is :math:`I`).
+    r"""Normalize the last dimension of ``v`` to unit length; zero vectors stay zero (their reflection is $I$).
 
     The zero case uses a safe denominator, so gradients stay finite for any ``v``.
     """
@@ -71,12 +71,12 @@ def unit_vectors(v: Tensor) -> Tensor:
 
 
 def _reflect_all(u: Tensor, x: Tensor, order: Sequence[int]) -> Tensor:
-    r"""Apply :math:`H_k x = x - 2 u_k (u_k^\top x)` for ``k`` in ``order`` (unit ``u`` of shape ``(..., K, D)``).
+    r"""Apply $H_k x = x - 2 u_k (u_k^\top x)$ for ``k`` in ``order`` (unit ``u`` of shape ``(..., K, D)``).
 
     With unbatched ``u`` the points are flattened into one matrix and the reflections are applied two at a time
-    in closed form, :math:`H_a H_b x = x - (2p - 4cq) u_a - 2q u_b` with :math:`p = u_a^\top x`,
-    :math:`q = u_b^\top x`, :math:`c = u_a^\top u_b` (two skinny GEMMs per pair: half the memory traffic of one
-    reflection at a time, and as stable since :math:`|c| \le 1`).
+    in closed form, $H_a H_b x = x - (2p - 4cq) u_a - 2q u_b$ with $p = u_a^\top x$,
+    $q = u_b^\top x$, $c = u_a^\top u_b$ (two skinny GEMMs per pair: half the memory traffic of one
+    reflection at a time, and as stable since $|c| \le 1$).
     """
     if u.dim() == 2:
         flat = x.reshape(-1, x.shape[-1])
@@ -97,23 +97,23 @@ def _reflect_all(u: Tensor, x: Tensor, order: Sequence[int]) -> Tensor:
 
 
 def householder_product(v: Tensor, x: Tensor) -> Tensor:
-    r"""Apply :math:`Q = H_1 H_2 \cdots H_K` to vectors: returns :math:`Q x`, i.e. :math:`H_K` acts **first**.
+    r"""Apply $Q = H_1 H_2 \cdots H_K$ to vectors: returns $Q x$, i.e. $H_K$ acts **first**.
 
-    :math:`H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2` is the reflection through the hyperplane orthogonal to
-    :math:`v_k` (Householder 1958; as a flow: Tomczak & Welling 2016, "Improving variational auto-encoders using
-    Householder flow"). Each reflection is one O(D) update :math:`x \leftarrow x - 2 u (u^\top x)` with
-    :math:`u = v / \lVert v \rVert`, so the cost is O(K·D) per point and no :math:`D \times D` matrix is ever formed.
-    :math:`Q` is orthogonal (:math:`|\det Q| = 1`); a zero :math:`v_k` gives :math:`H_k = I`.
+    $H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2$ is the reflection through the hyperplane orthogonal to
+    $v_k$ (Householder 1958; as a flow: Tomczak & Welling 2016, "Improving variational auto-encoders using
+    Householder flow"). Each reflection is one O(D) update $x \leftarrow x - 2 u (u^\top x)$ with
+    $u = v / \lVert v \rVert$, so the cost is O(K·D) per point and no $D \times D$ matrix is ever formed.
+    $Q$ is orthogonal ($|\det Q| = 1$); a zero $v_k$ gives $H_k = I$.
 
     Args:
-        v: reflection vectors of shape ``(..., K, D)``, row ``k`` (0-based) is :math:`v_{k+1}`; leading dimensions
-            broadcast against those of ``x`` (unbatched ``(K, D)`` applies the same :math:`Q` to every point).
+        v: reflection vectors of shape ``(..., K, D)``, row ``k`` (0-based) is $v_{k+1}$; leading dimensions
+            broadcast against those of ``x`` (unbatched ``(K, D)`` applies the same $Q$ to every point).
         x: points of shape ``(..., D)``.
 
     Returns:
-        :math:`Q x` with the broadcast shape of the batch dimensions and ``D``.
+        $Q x$ with the broadcast shape of the batch dimensions and ``D``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> v, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
         >>> torch.allclose(householder_product_reverse(v, householder_product(v, x)), x)
@@ -124,17 +124,17 @@ def householder_product(v: Tensor, x: Tensor) -> Tensor:
 
 
 def householder_product_reverse(v: Tensor, x: Tensor) -> Tensor:
-    r"""Apply :math:`Q^\top = Q^{-1} = H_K \cdots H_2 H_1` to vectors: :math:`H_1` acts **first**.
+    r"""Apply $Q^\top = Q^{-1} = H_K \cdots H_2 H_1$ to vectors: $H_1$ acts **first**.
 
-    The inverse of :func:`householder_product` for the same ``v`` (each :math:`H_k` is symmetric and its own inverse).
-    Same shapes, cost O(K·D) per point, no :math:`D \times D` matrix.
+    The inverse of `householder_product` for the same ``v`` (each $H_k$ is symmetric and its own inverse).
+    Same shapes, cost O(K·D) per point, no $D \times D$ matrix.
 
     Args:
-        v: reflection vectors of shape ``(..., K, D)`` (as in :func:`householder_product`).
+        v: reflection vectors of shape ``(..., K, D)`` (as in `householder_product`).
         x: points of shape ``(..., D)``.
 
     Returns:
-        :math:`Q^\top x`.
+        $Q^\top x$.
 
     """
     return _reflect_all(unit_vectors(v), x, range(v.shape[-2]))

@@ -1,17 +1,17 @@
 r"""Masked autoregressive flows: IAF (fast sampling), MAF (fast density) and spline autoregressive flows.
 
-All share one structure: an element-wise bijection :math:`\tau(\cdot; \theta_i)` whose parameters
-:math:`\theta_i` come from a :class:`~pyro_flows.nn.MADE` and depend only on the coordinates *before* :math:`i` in
+All share one structure: an element-wise bijection $\tau(\cdot; \theta_i)$ whose parameters
+$\theta_i$ come from a [`MADE`][pyro_flows.nn.MADE] and depend only on the coordinates *before* $i$ in
 the flow's order, so the Jacobian is triangular in that order and
-:math:`\log|\det J| = \sum_i \log \tau'(\cdot; \theta_i)`. Which side feeds the network fixes the fast direction:
+$\log|\det J| = \sum_i \log \tau'(\cdot; \theta_i)$. Which side feeds the network fixes the fast direction:
 
-* **inverse autoregressive** (IAF, Kingma et al. 2016): :math:`y_i = \tau(x_i; \theta_i(x_{<i}))`. The forward map
+* **inverse autoregressive** (IAF, Kingma et al. 2016): $y_i = \tau(x_i; \theta_i(x_{<i}))$. The forward map
   (base → sample) is one network pass; the inverse needs sequential passes.
-* **masked autoregressive** (MAF, Papamakarios et al. 2017): :math:`y_i = \tau(x_i; \theta_i(y_{<i}))`. The inverse
+* **masked autoregressive** (MAF, Papamakarios et al. 2017): $y_i = \tau(x_i; \theta_i(y_{<i}))$. The inverse
   (data → base, i.e. ``log_prob``) is one pass; sampling is sequential.
 
-The sequential direction solves for the unknown side by fixed-point passes: pass :math:`k` fixes every coordinate
-whose dependency chain has length :math:`\le k`, so :math:`L \le D` passes are exact, with :math:`L` the longest
+The sequential direction solves for the unknown side by fixed-point passes: pass $k$ fixes every coordinate
+whose dependency chain has length $\le k$, so $L \le D$ passes are exact, with $L$ the longest
 chain of the network (``MADE.num_passes``: D for full-width networks, fewer when narrow hidden layers cut
 connections; the loop stops there). Masked weights are computed once per call and reused by every pass, and the
 last pass's parameters already give the log-det (no extra network call). Cost: one pass ≈ one MLP evaluation,
@@ -59,7 +59,7 @@ class _Autoregressive(Flow):
     Args:
         dim: event size D.
         elementwise: the element-wise bijection family.
-        hidden_dims, order, residual, generator: see :class:`~pyro_flows.nn.MADE`.
+        hidden_dims, order, residual, generator: see [`MADE`][pyro_flows.nn.MADE].
         context_dim: context size (0: unconditional).
 
     """
@@ -120,13 +120,13 @@ class _Autoregressive(Flow):
 class InverseAutoregressive(_Autoregressive):
     r"""Inverse autoregressive flow (Kingma et al. 2016): one-pass forward (sampling), sequential inverse.
 
-    With :math:`(m, g) = \mathrm{MADE}(x)` (outputs for coordinate :math:`i` read :math:`x_{<i}` only):
+    With $(m, g) = \mathrm{MADE}(x)$ (outputs for coordinate $i$ read $x_{<i}$ only):
 
-    * gated (default): :math:`y = \sigma \odot x + (1 - \sigma) \odot m`, :math:`\sigma = \mathrm{sigmoid}(g + b)`;
-      log-det :math:`\sum_i \log \sigma_i`; inverse per pass :math:`x = m + (y - m)(1 + e^{-(g + b)})`.
-      The gate bias :math:`b` = ``gate_bias`` puts :math:`\sigma \approx 0.95` at initialization (the MADE's output
+    * gated (default): $y = \sigma \odot x + (1 - \sigma) \odot m$, $\sigma = \mathrm{sigmoid}(g + b)$;
+      log-det $\sum_i \log \sigma_i$; inverse per pass $x = m + (y - m)(1 + e^{-(g + b)})$.
+      The gate bias $b$ = ``gate_bias`` puts $\sigma \approx 0.95$ at initialization (the MADE's output
       layer starts near zero), so the layer starts near the identity;
-    * ``gated=False``: :math:`y = m + e^{s} \odot x` with :math:`s = B \tanh(g / B)`, log-det :math:`\sum_i s_i`
+    * ``gated=False``: $y = m + e^{s} \odot x$ with $s = B \tanh(g / B)$, log-det $\sum_i s_i$
       (starts near the identity). Prefer it where scales vary by orders of magnitude (funnels) and for VAE
       posteriors (``examples/vae.py``).
 
@@ -136,10 +136,10 @@ class InverseAutoregressive(_Autoregressive):
         dim: event size D.
         hidden_dims: MADE hidden widths (may be smaller than D).
         order: autoregressive order: ``"random"`` (default; a buffer), ``"natural"``, ``"reverse"`` or explicit
-            indices (first to last). Stacks interleave reversals (:attr:`needs_permutation`).
+            indices (first to last). Stacks interleave reversals (`needs_permutation`).
         gated: use the gated update (default) instead of the affine one.
-        gate_bias: :math:`b` of the gated update (only with ``gated=True``).
-        log_scale_bound: :math:`B` of the affine update (only with ``gated=False``).
+        gate_bias: $b$ of the gated update (only with ``gated=True``).
+        log_scale_bound: $B$ of the affine update (only with ``gated=False``).
         residual: residual MADE (equal hidden widths).
         generator: random generator for ``order="random"``.
         context_dim: context size of the amortized variant (0: unconditional); the context enters the MADE.
@@ -186,17 +186,17 @@ class InverseAutoregressive(_Autoregressive):
 class MaskedAutoregressive(_Autoregressive):
     r"""Masked autoregressive flow (Papamakarios et al. 2017): one-pass inverse (``log_prob``), sequential sampling.
 
-    With :math:`(\mu, \tilde s) = \mathrm{MADE}(y)`, :math:`s = B \tanh(\tilde s / B)` (outputs for coordinate
-    :math:`i` read :math:`y_{<i}` only), the normalizing direction (data :math:`y` → base :math:`x`) is
+    With $(\mu, \tilde s) = \mathrm{MADE}(y)$, $s = B \tanh(\tilde s / B)$ (outputs for coordinate
+    $i$ read $y_{<i}$ only), the normalizing direction (data $y$ → base $x$) is
 
-    * inverse (one MADE pass, parallel): :math:`x = y \odot e^{s(y)} + \mu(y)`;
-    * log-det of the forward map: :math:`-\sum_i s_i`, from the same pass (so
-      :math:`\log p(y) = \log p_0(x) + \sum_i s_i`);
-    * forward (base → data, sampling): :math:`y_i = (x_i - \mu_i) e^{-s_i}`, solved in ``made.num_passes``
+    * inverse (one MADE pass, parallel): $x = y \odot e^{s(y)} + \mu(y)$;
+    * log-det of the forward map: $-\sum_i s_i$, from the same pass (so
+      $\log p(y) = \log p_0(x) + \sum_i s_i$);
+    * forward (base → data, sampling): $y_i = (x_i - \mu_i) e^{-s_i}$, solved in ``made.num_passes``
       (≤ D) sequential passes, exact.
 
     The shift is added after the scale in the one-pass direction; this trains better than the paper's equivalent
-    :math:`y = x e^{s} + \mu` form (``benchmarks/bench_autoregressive.py``).
+    $y = x e^{s} + \mu$ form (``benchmarks/bench_autoregressive.py``).
 
     Starts near the identity (the MADE's output layer starts near zero).
 
@@ -204,7 +204,7 @@ class MaskedAutoregressive(_Autoregressive):
         dim: event size D.
         hidden_dims: MADE hidden widths (may be smaller than D).
         order: ``"random"`` (default), ``"natural"``, ``"reverse"`` or explicit indices.
-        log_scale_bound: soft bound :math:`B` of the log-scales.
+        log_scale_bound: soft bound $B$ of the log-scales.
         residual: residual MADE (equal hidden widths).
         generator: random generator for ``order="random"``.
         context_dim: context size of the amortized variant (conditional density estimation; 0: unconditional).
@@ -268,12 +268,13 @@ class _SplineAutoregressive(_Autoregressive):
 class SplineInverseAutoregressive(_SplineAutoregressive):
     r"""Autoregressive rational-quadratic spline flow (Durkan et al. 2019), IAF direction: one-pass forward.
 
-    :math:`y_i = \mathrm{RQS}(x_i; \theta_i(x_{<i}))`, a monotonic rational-quadratic spline with K bins on
-    :math:`[-B, B]` and identity tails. Log-det: :math:`\sum_i \log \mathrm{RQS}'(x_i)` from the same pass. Inverse:
+    $y_i = \mathrm{RQS}(x_i; \theta_i(x_{<i}))$, a monotonic rational-quadratic spline with K bins on
+    $[-B, B]$ and identity tails. Log-det: $\sum_i \log \mathrm{RQS}'(x_i)$ from the same pass. Inverse:
     ``made.num_passes`` (≤ D) sequential passes, each spline inverted in closed form (quadratic root).
     Starts near the identity. Same direction as Pyro's ``spline_autoregressive``; for density estimation use
-    :class:`SplineMaskedAutoregressive`. Arguments: see :class:`_SplineAutoregressive` (``dim``,
-    ``hidden_dims``, ``num_bins``, ``bound``, ``order``, ``residual``, ``generator``, ``context_dim``).
+    [`SplineMaskedAutoregressive`][pyro_flows.transforms.autoregressive.SplineMaskedAutoregressive]. Arguments: see
+    `_SplineAutoregressive` (``dim``, ``hidden_dims``, ``num_bins``, ``bound``, ``order``, ``residual``, ``generator``,
+    ``context_dim``).
     """
 
     fast_direction = "forward"
@@ -283,9 +284,9 @@ class SplineInverseAutoregressive(_SplineAutoregressive):
 class SplineMaskedAutoregressive(_SplineAutoregressive):
     r"""Autoregressive rational-quadratic spline flow, MAF direction: one-pass inverse (density evaluation).
 
-    :math:`y_i = \mathrm{RQS}(x_i; \theta_i(y_{<i}))`: the inverse
-    :math:`x_i = \mathrm{RQS}^{-1}(y_i; \theta_i(y_{<i}))` and the log-det are one pass;
-    sampling takes ``made.num_passes`` (≤ D) sequential passes. Arguments: see :class:`_SplineAutoregressive`.
+    $y_i = \mathrm{RQS}(x_i; \theta_i(y_{<i}))$: the inverse
+    $x_i = \mathrm{RQS}^{-1}(y_i; \theta_i(y_{<i}))$ and the log-det are one pass;
+    sampling takes ``made.num_passes`` (≤ D) sequential passes. Arguments: see `_SplineAutoregressive`.
     """
 
     fast_direction = "inverse"

@@ -1,29 +1,30 @@
-r"""Base classes shared by every flow of :mod:`pyro_flows.transforms`.
+r"""Base classes shared by every flow of `pyro_flows.transforms`.
 
-A flow is a bijection :math:`y = f(x; c)` on events of a fixed shape, optionally conditioned on a context vector
-:math:`c`. A family is **one class**: a subclass of :class:`Flow` that implements
+A flow is a bijection $y = f(x; c)$ on events of a fixed shape, optionally conditioned on a context vector
+$c$. A family is **one class**: a subclass of [`Flow`][pyro_flows.transforms.base.Flow] that implements
 
 * ``_forward_and_log_det(x, context) -> (y, log|det ∂y/∂x|)`` and
 * ``_inverse_and_log_det(y, context) -> (x, log|det ∂y/∂x|)`` (the log-det is always that of the *forward* map),
 
 where ``context`` is ``None`` for an unconditional flow (``context_dim=0``, the default). The same class with
-``context_dim > 0`` is the amortized variant: :meth:`Flow.condition` returns the flow at a given context, and
-:class:`ConditionalFlow` wraps it as a Pyro ``ConditionalTransformModule`` (what
-:data:`~pyro_flows.transforms.registry.conditional_registry` returns). How the context enters is the family's
+``context_dim > 0`` is the amortized variant: [`Flow.condition`][pyro_flows.transforms.base.Flow.condition] returns the
+flow at a given context, and [`ConditionalFlow`][pyro_flows.transforms.base.ConditionalFlow] wraps it as a Pyro
+``ConditionalTransformModule`` (what `conditional_registry` returns). How the context enters is the family's
 business: conditioner networks (MADE, coupling, residual, ODE nets) read it as an input; closed-form families
-subclass :class:`ParametricFlow`, whose raw parameters become :math:`\theta(c) = \theta_0 + g(c)` with a
-hypernetwork :math:`g` whose output layers start at zero (so every context starts at the unconditional flow).
+subclass [`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow], whose raw parameters become $\theta(c) =
+\theta_0 + g(c)$ with a hypernetwork $g$ whose output layers start at zero (so every context starts at the unconditional
+flow).
 
-The base class provides the rest of Pyro's :class:`~torch.distributions.transforms.Transform` protocol:
+The base class provides the rest of Pyro's `Transform` protocol:
 
 * input validation: wrong event shape, dtype or device raises a clear error instead of broadcasting;
 * one pass for output and log-det: the log-det computed with ``y`` is cached with its ``(x, y)`` pair (unless the
   transform's cache is disabled, ``cache_size=0``), so scoring a sample the flow has just produced never calls its
   network again;
-* family facts as class attributes: :attr:`Flow.fast_direction` (which direction is one parallel pass),
-  :attr:`Flow.inverse_atol`, :attr:`Flow.needs_permutation` (whether stacks interleave permutations, see
-  :func:`~pyro_flows.transforms.stack.build_flows`), :attr:`Flow.traceable` (``torch.jit.trace``) and
-  :attr:`Flow.has_conditional` (whether the family has an amortized variant).
+* family facts as class attributes: `Flow.fast_direction` (which direction is one parallel pass),
+  `Flow.inverse_atol`, `Flow.needs_permutation` (whether stacks interleave permutations, see
+  [`build_flows`][pyro_flows.transforms.stack.build_flows]), `Flow.traceable` (``torch.jit.trace``) and
+  `Flow.has_conditional` (whether the family has an amortized variant).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ EventShape = int | Sequence[int]
 
 
 def as_event_shape(event_shape: EventShape) -> torch.Size:
-    """Normalize an ``int`` or a sequence of ints into a :class:`torch.Size` of positive sizes.
+    """Normalize an ``int`` or a sequence of ints into a `torch.Size` of positive sizes.
 
     Raises:
         ValueError: if a size is not a positive integer.
@@ -120,7 +121,7 @@ def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> torch.Size:
 
 
 def check_traceable(flow: Flow) -> None:
-    """Refuse ``torch.jit.trace`` of a flow whose passes are data dependent (:attr:`Flow.traceable` is False).
+    """Refuse ``torch.jit.trace`` of a flow whose passes are data dependent (`Flow.traceable` is False).
 
     Raises:
         RuntimeError: naming the flow, while tracing.
@@ -134,7 +135,7 @@ def check_traceable(flow: Flow) -> None:
 
 
 class _OnePass:
-    """The cached one-pass ``Transform`` protocol shared by :class:`Flow` and :class:`ConditionedFlow`."""
+    """The cached one-pass ``Transform`` protocol shared by `Flow` and `ConditionedFlow`."""
 
     bijective = True
     event_shape: torch.Size
@@ -158,10 +159,10 @@ class _OnePass:
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        r"""Return :math:`\log|\det ∂y/∂x|` with the batch shape of ``x``.
+        r"""Return $\log|\det ∂y/∂x|$ with the batch shape of ``x``.
 
         Uses the value computed together with ``y`` (or ``x``) when this pair was produced by the flow itself and
-        the cache is on, otherwise recomputes it along :attr:`fast_direction`.
+        the cache is on, otherwise recomputes it along `fast_direction`.
         """
         cache = self.__dict__.get("_ld_cache") if self._cache_size else None
         if cache is not None and cache[0] is x and cache[1] is y:
@@ -180,8 +181,9 @@ class _OnePass:
 class Flow(_OnePass, TransformModule):
     """Base class of every flow family: a Pyro ``TransformModule`` on events of ``event_shape``.
 
-    With ``context_dim > 0`` the flow is conditional: use :meth:`condition` (or wrap it in
-    :class:`ConditionalFlow`); calling it without a context raises a ``ValueError``.
+    With ``context_dim > 0`` the flow is conditional: use [`condition`][pyro_flows.transforms.base.Flow.condition] (or
+    wrap it in [`ConditionalFlow`][pyro_flows.transforms.base.ConditionalFlow]); calling it without a context raises a
+    ``ValueError``.
 
     Args:
         event_shape: size of vector events (``int``) or the full event shape, e.g. ``(C, H, W)``.
@@ -302,20 +304,21 @@ class Flow(_OnePass, TransformModule):
 class ParametricFlow(Flow):
     r"""A flow whose map is a closed-form function of named raw (unconstrained) parameter tensors.
 
-    Subclasses register their raw parameters with :meth:`add_raw_param` and implement ``_forward_with(params, x)``
-    and ``_inverse_with(params, y)``, where ``params`` maps names to tensors of shape ``batch + shape``: no batch
-    dimensions for the module's own parameters, the context's batch dimensions for a conditional flow. Any raw
-    values give an invertible map (constraints are applied inside).
+    Subclasses register their raw parameters with
+    [`add_raw_param`][pyro_flows.transforms.base.ParametricFlow.add_raw_param] and implement ``_forward_with(params,
+    x)`` and ``_inverse_with(params, y)``, where ``params`` maps names to tensors of shape ``batch + shape``: no batch
+    dimensions for the module's own parameters, the context's batch dimensions for a conditional flow. Any raw values
+    give an invertible map (constraints are applied inside).
 
-    Amortization: with ``context_dim > 0`` a hypernetwork :math:`g` (an ELU MLP of widths
+    Amortization: with ``context_dim > 0`` a hypernetwork $g$ (an ELU MLP of widths
     ``context_hidden_dims`` and one zero-initialized linear head per amortized parameter) gives
-    :math:`\theta(c) = \theta_0 + g(c)`, one batched forward for the whole batch of contexts — the amortized
+    $\theta(c) = \theta_0 + g(c)$, one batched forward for the whole batch of contexts — the amortized
     setting of the planar / Sylvester / Householder VAE papers, where the encoder emits the flow parameters.
 
     Args:
         event_shape: the event shape.
         context_dim: size of the context vector (0: unconditional).
-        context_hidden_dims: hidden widths of the hypernetwork :math:`g` (only with ``context_dim > 0``; default
+        context_hidden_dims: hidden widths of the hypernetwork $g$ (only with ``context_dim > 0``; default
             ``(64,)``).
 
     """
@@ -347,7 +350,7 @@ class ParametricFlow(Flow):
             self.context_heads[name] = head
 
     def raw_params(self, context: Tensor | None = None) -> dict[str, Tensor]:
-        r"""The raw parameters by name: the module's own, or :math:`\theta_0 + g(c)` for a context ``c``."""
+        r"""The raw parameters by name: the module's own, or $\theta_0 + g(c)$ for a context ``c``."""
         params = {name: getattr(self, name) for name in self.param_shapes}
         if context is None:
             return params
@@ -371,7 +374,7 @@ class ParametricFlow(Flow):
 
 
 class ConditionedFlow(_OnePass, Transform):
-    """A conditional :class:`Flow` at a fixed (batched) context: a plain ``Transform``, returned by ``condition``.
+    """A conditional `Flow` at a fixed (batched) context: a plain ``Transform``, returned by ``condition``.
 
     Every call evaluates the flow with its current parameters (nothing is frozen at ``condition`` time).
 
@@ -413,11 +416,11 @@ class ConditionedFlow(_OnePass, Transform):
 class ConditionalFlow(ConditionalTransformModule):
     """A conditional flow as a Pyro ``ConditionalTransformModule``: ``condition(context)`` gives a transform.
 
-    A thin wrapper around one :class:`Flow` built with ``context_dim > 0`` (this is what
-    :data:`~pyro_flows.transforms.registry.conditional_registry` returns); family facts are read from it.
+    A thin wrapper around one [`Flow`][pyro_flows.transforms.base.Flow] built with ``context_dim > 0`` (this is what
+    `conditional_registry` returns); family facts are read from it.
 
     Args:
-        flow: a :class:`Flow` with ``context_dim > 0``.
+        flow: a [`Flow`][pyro_flows.transforms.base.Flow] with ``context_dim > 0``.
 
     """
 

@@ -1,32 +1,34 @@
 r"""Continuous normalizing flows: neural ODEs with the FFJORD log-density (Chen et al. 2018; Grathwohl et al. 2019).
 
-The flow is the time-:math:`T` map of :math:`\dot z = f(z, t; \theta)` (conditional: :math:`f(z, t, c; \theta)`):
-:math:`x = z(0) \mapsto y = z(T)`. By the instantaneous change of variables,
+The flow is the time-$T$ map of $\dot z = f(z, t; \theta)$ (conditional: $f(z, t, c; \theta)$):
+$x = z(0) \mapsto y = z(T)$. By the instantaneous change of variables,
 
-.. math:: \log\Bigl|\det \frac{\partial y}{\partial x}\Bigr| = \int_0^T \operatorname{tr}
-          \frac{\partial f}{\partial z}(z(t), t)\, dt,
+$$
+\log\Bigl|\det \frac{\partial y}{\partial x}\Bigr| = \int_0^T \operatorname{tr}
+\frac{\partial f}{\partial z}(z(t), t)\, dt,
+$$
 
-integrated together with :math:`z` as one augmented ODE. The inverse integrates the same ODE backwards from
-:math:`T` to 0; both directions cost one ODE solve (``last_nfe`` records the number of evaluations of :math:`f`).
+integrated together with $z$ as one augmented ODE. The inverse integrates the same ODE backwards from
+$T$ to 0; both directions cost one ODE solve (``last_nfe`` records the number of evaluations of $f$).
 
-* **Trace.** ``"exact"`` (default when ``dim ≤ 16``): the Jacobian of the MLP :math:`f` in closed form
-  (:math:`W_L D_{L-1} \cdots D_1 W_1`), O(B · D · Σ hᵢhᵢ₊₁) per evaluation. ``"hutchinson"`` (default above):
-  :math:`\operatorname{tr} J \approx \varepsilon^T J \varepsilon` with one Rademacher or Gaussian
-  :math:`\varepsilon` per event, drawn once per solve (so the integrand is a smooth ODE), computed as a
+* **Trace.** ``"exact"`` (default when ``dim ≤ 16``): the Jacobian of the MLP $f$ in closed form
+  ($W_L D_{L-1} \cdots D_1 W_1$), O(B · D · Σ hᵢhᵢ₊₁) per evaluation. ``"hutchinson"`` (default above):
+  $\operatorname{tr} J \approx \varepsilon^T J \varepsilon$ with one Rademacher or Gaussian
+  $\varepsilon$ per event, drawn once per solve (so the integrand is a smooth ODE), computed as a
   Jacobian-vector product in O(B · Σ hᵢhᵢ₊₁); the log-det is then unbiased and the map itself is unchanged.
 * **Gradients.** ``adjoint=True`` (default) backpropagates with the adjoint ODE (memory O(1) in the number of
   solver steps); ``adjoint=False`` backpropagates through the solver's operations.
-* **Solver.** :func:`torchdiffeq.odeint` with ``method`` and its knobs. Default: adaptive ``"dopri5"`` with
+* **Solver.** `torchdiffeq.odeint` with ``method`` and its knobs. Default: adaptive ``"dopri5"`` with
   ``rtol`` = ``atol`` = 1e-8 in float64 (1e-5 in float32), whose adjoint solve uses the seminorm of Kidger et al.
   (2021): the stated ``inverse_atol`` (1e-5) holds at random parameters (fixed-grid RK4 with 10 steps misses it
   200-fold once the dynamics are moderately stiff: round trip 2e-3, log-det 8e-3 off). Adaptive step sizes are
   shared by a batch, so events of a batch agree with single-event solves to the solver tolerance (tested to
-  ``inverse_atol``). Fixed-grid methods (``"rk4"``, ``"euler"``, …) take ``steps`` steps of :math:`T/\text{steps}`:
+  ``inverse_atol``). Fixed-grid methods (``"rk4"``, ``"euler"``, …) take ``steps`` steps of $T/\text{steps}$:
   a predictable cost, each event independent of its batch, accurate only for smooth dynamics. Extra solver
   ``options`` are passed through (e.g. ``{"step_size": 0.05}``, which overrides ``steps``).
 
 ``torchdiffeq`` is an optional dependency (``pip install pyro-flows[ffjord]``); it is imported when a flow is
-built, never when :mod:`pyro_flows` is imported.
+built, never when `pyro_flows` is imported.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. *Neural Ordinary Differential Equations*. NeurIPS 2018.
@@ -79,17 +81,17 @@ def require_torchdiffeq() -> ModuleType:
 
 
 class ODENet(nn.Module):
-    r"""The dynamics :math:`f(z, t, c) = W_L \tanh(\cdots \tanh(W_1 [z, t, c] + b_1) \cdots) + b_L` with its trace.
+    r"""The dynamics $f(z, t, c) = W_L \tanh(\cdots \tanh(W_1 [z, t, c] + b_1) \cdots) + b_L$ with its trace.
 
-    The last layer starts at zero, so the flow starts at the identity. ``tanh`` keeps :math:`f` smooth (needed by
+    The last layer starts at zero, so the flow starts at the identity. ``tanh`` keeps $f$ smooth (needed by
     adaptive solvers and by the adjoint).
 
     Args:
-        dim: size of :math:`z`.
+        dim: size of $z$.
         hidden_dims: hidden widths.
         context_dim: size of the context (0: unconditional).
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = ODENet(3, (8,))
         >>> f, trace = net.dynamics(torch.randn(4, 3), torch.tensor(0.5), None, None)
@@ -110,14 +112,14 @@ class ODENet(nn.Module):
         nn.init.zeros_(self.linears[-1].bias)
 
     def dynamics(self, z: Tensor, t: Tensor, context: Tensor | None, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-        r"""Return :math:`f(z, t, c)` and :math:`\operatorname{tr} \partial f/\partial z` (or its estimate).
+        r"""Return $f(z, t, c)$ and $\operatorname{tr} \partial f/\partial z$ (or its estimate).
 
         Args:
             z: states, ``(N, dim)``.
             t: time, a scalar tensor.
             context: ``(N, context_dim)`` or ``None``.
-            noise: ``None`` for the exact trace, else the probes :math:`\varepsilon` ``(N, dim)`` of Hutchinson's
-                estimator :math:`\varepsilon^T (\partial f/\partial z) \varepsilon`.
+            noise: ``None`` for the exact trace, else the probes $\varepsilon$ ``(N, dim)`` of Hutchinson's
+                estimator $\varepsilon^T (\partial f/\partial z) \varepsilon$.
 
         """
         parts = [z, t.expand(*z.shape[:-1], 1)]
@@ -159,33 +161,33 @@ class _Dynamics(nn.Module):
 
 @registry.register("ffjord")
 class FFJORD(Flow):
-    r"""Continuous normalizing flow :math:`y = z(T)`, :math:`\dot z = f(z, t)`, :math:`z(0) = x` (FFJORD).
+    r"""Continuous normalizing flow $y = z(T)$, $\dot z = f(z, t)$, $z(0) = x$ (FFJORD).
 
-    * log-det: :math:`\int_0^T \operatorname{tr} \partial f/\partial z\, dt` (exact trace or Hutchinson; see the
+    * log-det: $\int_0^T \operatorname{tr} \partial f/\partial z\, dt$ (exact trace or Hutchinson; see the
       module docs), solved with the state.
-    * inverse: the same ODE integrated from :math:`T` to 0 (same cost as the forward); accurate to the solver
+    * inverse: the same ODE integrated from $T$ to 0 (same cost as the forward); accurate to the solver
       tolerance: ``inverse_atol`` = 1e-5 is the accuracy stated for the default adaptive solver in float64
       (``tests/test_continuous.py`` checks it with weights perturbed by 2.5/√fan-in).
 
     Args:
         dim: event size D.
-        hidden_dims: hidden widths of the ``tanh`` MLP :math:`f(z, t)` (:class:`ODENet`).
-        time: integration time :math:`T`.
+        hidden_dims: hidden widths of the ``tanh`` MLP $f(z, t)$ ([`ODENet`][pyro_flows.transforms.continuous.ODENet]).
+        time: integration time $T$.
         trace: ``"auto"`` (exact iff ``dim ≤ 16``), ``"exact"`` or ``"hutchinson"``.
         noise: Hutchinson probes, ``"rademacher"`` (lower variance) or ``"gaussian"``.
-        method: a :func:`torchdiffeq.odeint` method (``"rk4"``, ``"dopri5"``, ``"euler"``, …).
+        method: a `torchdiffeq.odeint` method (``"rk4"``, ``"dopri5"``, ``"euler"``, …).
         steps: number of steps of a fixed-grid method (step size ``time / steps``).
         rtol: relative tolerance of adaptive methods (``None``: 1e-8 in float64, 1e-5 in float32).
         atol: absolute tolerance of adaptive methods (same defaults).
         options: solver options passed to ``odeint`` (e.g. ``{"step_size": 0.05}``).
         adjoint: backpropagate with the adjoint method (O(1) memory).
-        context_dim: context size of the amortized variant (0: unconditional): :math:`\dot z = f(z, t, c)`, the
+        context_dim: context size of the amortized variant (0: unconditional): $\dot z = f(z, t, c)$, the
             context entering the dynamics' input.
 
     Attributes:
         last_nfe: function evaluations of the last forward/inverse solve (not counting the adjoint's).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = FFJORD(2).double()
         >>> x = torch.randn(3, 2, dtype=torch.float64)
@@ -254,6 +256,8 @@ class FFJORD(Flow):
         torchdiffeq = require_torchdiffeq()
         batch = z0.shape[:-1] if context is None else torch.broadcast_shapes(z0.shape[:-1], context.shape[:-1])
         z = z0.expand(*batch, self.dim).reshape(-1, self.dim)
+        if z.shape[0] == 0:  # nothing to integrate (adaptive solvers cannot step on an empty state)
+            return z0.expand(*batch, self.dim), z0.new_zeros(batch)
         ctx = None if context is None else context.expand(*batch, context.shape[-1]).reshape(-1, context.shape[-1])
         func = _Dynamics(self.net, ctx, self._probe(z))
         ends = [self.time, 0.0] if reverse else [0.0, self.time]

@@ -1,13 +1,14 @@
 r"""Invertible and emerging convolutions on ``(C, H, W)`` events, and the squeeze (space-to-depth) layer.
 
-* :class:`InvertibleConv1x1` (Glow): a learned channel mixing :math:`W = P L U` applied at every pixel;
-* :class:`EmergingConv2d` (Hoogeboom et al. 2019): a :math:`k \times k` convolution made invertible as the
-  composition of two masked autoregressive convolutions (causal, then anti-causal in raster order);
-* :class:`Squeeze`: space-to-depth reshaping :math:`(C, H, W) \to (C f^2, H/f, W/f)`, the building block of
-  multi-scale architectures (it changes the event shape, so it is not in :data:`image_registry`, whose flows
+* [`InvertibleConv1x1`][pyro_flows.transforms.conv.InvertibleConv1x1] (Glow): a learned channel mixing $W = P L U$
+  applied at every pixel;
+* [`EmergingConv2d`][pyro_flows.transforms.conv.EmergingConv2d] (Hoogeboom et al. 2019): a $k \times k$ convolution made
+  invertible as the composition of two masked autoregressive convolutions (causal, then anti-causal in raster order);
+* [`Squeeze`][pyro_flows.transforms.conv.Squeeze]: space-to-depth reshaping $(C, H, W) \to (C f^2, H/f, W/f)$, the
+  building block of multi-scale architectures (it changes the event shape, so it is not in `image_registry`, whose flows
   keep their event shape).
 
-The two convolutions are registered in :data:`~pyro_flows.transforms.registry.image_registry` as
+The two convolutions are registered in `image_registry` as
 ``"conv1x1"`` and ``"emerging_conv"``.
 """
 
@@ -54,29 +55,29 @@ def _as_images(x: Tensor) -> Tensor:
 class InvertibleConv1x1(ParametricFlow):
     r"""Glow's invertible 1×1 convolution, LU-parameterized (Kingma & Dhariwal 2018).
 
-    At every pixel the channels are mixed by the same matrix: :math:`y_{:,h,w} = W x_{:,h,w}`, with
-    :math:`W = P L U`: :math:`P` a fixed permutation (buffer), :math:`L` unit lower-triangular, :math:`U`
-    upper-triangular with positive diagonal :math:`U_{ii} = \mathrm{softplus}(\rho_i) + 10^{-3}` (invertible for
-    any raw parameters; shared with :class:`~pyro_flows.transforms.linear.LU`).
+    At every pixel the channels are mixed by the same matrix: $y_{:,h,w} = W x_{:,h,w}$, with
+    $W = P L U$: $P$ a fixed permutation (buffer), $L$ unit lower-triangular, $U$
+    upper-triangular with positive diagonal $U_{ii} = \mathrm{softplus}(\rho_i) + 10^{-3}$ (invertible for
+    any raw parameters; shared with [`LU`][pyro_flows.transforms.linear.LU]).
 
-    * log-det: :math:`H \cdot W \cdot \sum_i \log U_{ii}`;
+    * log-det: $H \cdot W \cdot \sum_i \log U_{ii}$;
     * forward: one 1×1 convolution (a GEMM over the flattened pixels), O(C²) per pixel (plus O(C³) per call
-      to form :math:`W`);
-    * inverse (closed form): the 1×1 convolution with :math:`W^{-1} = U^{-1} L^{-1} P^\top`, formed by two
+      to form $W$);
+    * inverse (closed form): the 1×1 convolution with $W^{-1} = U^{-1} L^{-1} P^\top$, formed by two
       C×C triangular solves per call, then O(C²) per pixel.
 
-    Starts at the channel permutation :math:`P`. Amortized with ``context_dim > 0`` (one matrix per context).
+    Starts at the channel permutation $P$. Amortized with ``context_dim > 0`` (one matrix per context).
 
     Reference: D. P. Kingma & P. Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018.
 
     Args:
         event_shape: ``(C, H, W)``.
-        permutation: ``"random"`` (default), ``"reverse"`` or explicit channel indices for :math:`P`.
+        permutation: ``"random"`` (default), ``"reverse"`` or explicit channel indices for $P$.
         generator: random generator for the permutation.
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = InvertibleConv1x1((3, 4, 4))
         >>> x = torch.randn(2, 3, 4, 4)
@@ -106,7 +107,7 @@ class InvertibleConv1x1(ParametricFlow):
         self.add_raw_param("raw_diag", torch.full((channels,), RAW_ONE))
 
     def weight(self, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """The C×C mixing matrix :math:`W = PLU` and the diagonal of :math:`U` (batched like the parameters)."""
+        """The C×C mixing matrix $W = PLU$ and the diagonal of $U$ (batched like the parameters)."""
         params = self.raw_params() if params is None else params
         lower, upper, diag = lu_factors(params["lower"], params["upper"], params["raw_diag"], self.channels)
         return (lower @ upper)[..., self.permutation, :], diag
@@ -150,22 +151,22 @@ def _autoregressive_masks(channels: int, kernel_size: int) -> tuple[Tensor, Tens
 
 @image_registry.register("emerging_conv")
 class EmergingConv2d(ParametricFlow):
-    r"""Emerging :math:`k \times k` convolution (Hoogeboom, van den Berg & Welling 2019).
+    r"""Emerging $k \times k$ convolution (Hoogeboom, van den Berg & Welling 2019).
 
-    :math:`y = K_2 \star (K_1 \star x) + b`, where :math:`K_1 \star` and :math:`K_2 \star` are zero-padded
+    $y = K_2 \star (K_1 \star x) + b$, where $K_1 \star$ and $K_2 \star$ are zero-padded
     ("same") convolutions whose kernels are masked to be autoregressive in the raster ordering of
-    :math:`(h, w, c)`: :math:`K_1` reads only earlier pixels and, at the centre, channels :math:`j \le i`
-    (lower-triangular Jacobian); :math:`K_2` is the flipped mask (later pixels, channels :math:`j \ge i`,
+    $(h, w, c)$: $K_1$ reads only earlier pixels and, at the centre, channels $j \le i$
+    (lower-triangular Jacobian); $K_2$ is the flipped mask (later pixels, channels $j \ge i$,
     upper-triangular Jacobian). Their composition, the emerging convolution, is a dense (non-triangular) map whose
-    receptive field contains the full :math:`k \times k` window of a standard convolution (and reaches
-    :math:`2k - 1` pixels wide along the rows). The centre diagonals are positive,
-    :math:`d = \mathrm{softplus}(\rho) + 10^{-3}`, so the map is invertible for any raw parameters.
+    receptive field contains the full $k \times k$ window of a standard convolution (and reaches
+    $2k - 1$ pixels wide along the rows). The centre diagonals are positive,
+    $d = \mathrm{softplus}(\rho) + 10^{-3}$, so the map is invertible for any raw parameters.
 
     * log-det: the Jacobians are triangular with the centre diagonals repeated at every pixel,
-      :math:`H \cdot W \cdot (\sum_c \log d^{(1)}_c + \sum_c \log d^{(2)}_c)`;
+      $H \cdot W \cdot (\sum_c \log d^{(1)}_c + \sum_c \log d^{(2)}_c)$;
     * forward: two convolutions, O(k² C²) per pixel, fully parallel;
-    * inverse: exact, by two sequential substitutions, :math:`K_2` from the last pixel backwards then
-      :math:`K_1` from the first pixel forwards; each pixel solves a C×C triangular system after subtracting the
+    * inverse: exact, by two sequential substitutions, $K_2$ from the last pixel backwards then
+      $K_1$ from the first pixel forwards; each pixel solves a C×C triangular system after subtracting the
       contributions of already-solved neighbours. The flops match the forward (O(k² C²) per pixel) but the
       2·H·W pixel steps run one after another (a Python loop of O(1) tensor operations each), so the inverse is
       much slower than the forward for large images: scoring data (``log_prob``, which inverts) is the slow
@@ -182,7 +183,7 @@ class EmergingConv2d(ParametricFlow):
         kernel_size: odd kernel size k (default 3).
         bias: learn a per-channel offset (default ``True``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = EmergingConv2d((2, 4, 4))
         >>> x = torch.randn(3, 2, 4, 4)
@@ -221,7 +222,7 @@ class EmergingConv2d(ParametricFlow):
         return kernel, diag
 
     def masked_kernels(self, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The effective kernels :math:`K_1, K_2` (masks and positive centre diagonals applied) and diagonals."""
+        """The effective kernels $K_1, K_2$ (masks and positive centre diagonals applied) and diagonals."""
         params = self.raw_params() if params is None else params
         if params["kernel1"].dim() != 4:
             raise ValueError("EmergingConv2d does not support batched (amortized) parameters")
@@ -282,22 +283,23 @@ class EmergingConv2d(ParametricFlow):
 
 @image_registry.register("squeeze")
 class Squeeze(Flow):
-    r"""Space-to-depth: :math:`(C, H, W) \to (C f^2, H/f, W/f)` (Dinh et al. 2017, Real NVP; Glow).
+    r"""Space-to-depth: $(C, H, W) \to (C f^2, H/f, W/f)$ (Dinh et al. 2017, Real NVP; Glow).
 
-    Each :math:`f \times f` block of pixels becomes :math:`f^2` channels: output channel
-    :math:`c f^2 + i f + j` at :math:`(h, w)` is input channel :math:`c` at :math:`(h f + i, w f + j)`.
+    Each $f \times f$ block of pixels becomes $f^2$ channels: output channel
+    $c f^2 + i f + j$ at $(h, w)$ is input channel $c$ at $(h f + i, w f + j)$.
 
     * log-det: 0 (a permutation of the coordinates);
     * inverse (closed form): depth-to-space, the same reshape undone; both directions are O(1) per element.
 
-    The event shape changes, so :meth:`forward_shape`/:meth:`inverse_shape` report it to Pyro (e.g. for
-    ``TransformedDistribution``) and the inverse validates inputs of :attr:`output_shape`.
+    The event shape changes, so
+    [`forward_shape`][pyro_flows.transforms.conv.Squeeze.forward_shape]/[`inverse_shape`][pyro_flows.transforms.conv.Squeeze.inverse_shape]
+    report it to Pyro (e.g. for ``TransformedDistribution``) and the inverse validates inputs of `output_shape`.
 
     Args:
         event_shape: input ``(C, H, W)``; H and W must be divisible by ``factor``.
         factor: block size f (default 2).
 
-    Example:
+    Examples:
         >>> import torch
         >>> squeeze = Squeeze((3, 4, 6))
         >>> y = squeeze(torch.randn(5, 3, 4, 6))

@@ -1,12 +1,12 @@
 r"""Coupling flows: RealNVP affine coupling and rational-quadratic spline coupling.
 
-The coordinates are split by a fixed mask into a conditioning set :math:`A` (passed through unchanged) and a
-transformed set :math:`B`: :math:`y_A = x_A`, :math:`y_B = \tau(x_B; \theta(x_A))`, with :math:`\theta` from a
-:class:`~pyro_flows.nn.ResidualNet` (which also reads the context of the conditional variants, ``context_dim > 0``).
-The Jacobian is block triangular, so :math:`\log|\det J| = \sum_{i \in B} \log \tau'(x_i)`. Both directions are one
-network pass: :math:`x_B = \tau^{-1}(y_B; \theta(y_A))`. The default ``"half"`` mask transforms the last
-:math:`\lceil D/2 \rceil` coordinates; stacks interleave reversals
-(:attr:`~pyro_flows.transforms.base.Flow.needs_permutation`), so any two consecutive layers transform every coordinate.
+The coordinates are split by a fixed mask into a conditioning set $A$ (passed through unchanged) and a
+transformed set $B$: $y_A = x_A$, $y_B = \tau(x_B; \theta(x_A))$, with $\theta$ from a
+[`ResidualNet`][pyro_flows.nn.ResidualNet] (which also reads the context of the conditional variants, ``context_dim >
+0``). The Jacobian is block triangular, so $\log|\det J| = \sum_{i \in B} \log \tau'(x_i)$. Both directions are one
+network pass: $x_B = \tau^{-1}(y_B; \theta(y_A))$. The default ``"half"`` mask transforms the last $\lceil D/2 \rceil$
+coordinates; stacks interleave reversals (`needs_permutation`), so any two consecutive layers transform every
+coordinate.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ LOG_SCALE_BOUND = 3.0
 def coupling_mask(dim: int, mask: Mask = "half") -> Tensor:
     r"""Boolean mask of the conditioning (pass-through) coordinates.
 
-    ``"half"``: the first :math:`\lfloor D/2 \rfloor` coordinates condition the others; ``"even"``: coordinates
+    ``"half"``: the first $\lfloor D/2 \rfloor$ coordinates condition the others; ``"even"``: coordinates
     0, 2, 4, ...; ``"odd"``: 1, 3, 5, ...; or an explicit boolean sequence of length ``dim`` (True = conditioning).
 
     Raises:
@@ -70,7 +70,7 @@ class _Coupling(Flow):
     Args:
         dim: event size D (≥ 2).
         elementwise: the element-wise bijection family.
-        mask: conditioning coordinates, see :func:`coupling_mask`.
+        mask: conditioning coordinates, see [`coupling_mask`][pyro_flows.transforms.coupling.coupling_mask].
         hidden_dims: hidden widths of the conditioner.
         residual: residual conditioner (equal hidden widths).
         context_dim: context size (0: unconditional).
@@ -125,11 +125,11 @@ class _Coupling(Flow):
 class AffineCoupling(_Coupling):
     r"""RealNVP affine coupling (Dinh et al. 2017) with a soft-clamped log-scale.
 
-    :math:`y_A = x_A`, :math:`y_B = x_B \odot e^{s} + t`, :math:`(t, \tilde s) = \mathrm{NN}(x_A)`,
-    :math:`s = B \tanh(\tilde s / B)` (bounded, so no layer can blow up).
+    $y_A = x_A$, $y_B = x_B \odot e^{s} + t$, $(t, \tilde s) = \mathrm{NN}(x_A)$,
+    $s = B \tanh(\tilde s / B)$ (bounded, so no layer can blow up).
 
-    * log-det: :math:`\sum_{i \in B} s_i`;
-    * inverse (closed form, one pass): :math:`x_B = (y_B - t(y_A)) e^{-s(y_A)}`.
+    * log-det: $\sum_{i \in B} s_i$;
+    * inverse (closed form, one pass): $x_B = (y_B - t(y_A)) e^{-s(y_A)}$.
 
     Starts at the identity (the network's output layer starts at zero).
 
@@ -137,7 +137,7 @@ class AffineCoupling(_Coupling):
         dim: event size D (≥ 2).
         hidden_dims: hidden widths of the conditioner network.
         mask: ``"half"`` (default), ``"even"``, ``"odd"`` or a boolean sequence: the pass-through coordinates.
-        log_scale_bound: soft bound :math:`B` of the log-scale.
+        log_scale_bound: soft bound $B$ of the log-scale.
         residual: residual conditioner (skip connections between equal hidden layers).
         context_dim: context size of the amortized variant (0: unconditional); the conditioner reads it.
 
@@ -166,11 +166,11 @@ class AffineCoupling(_Coupling):
 class SplineCoupling(_Coupling):
     r"""Rational-quadratic spline coupling (Durkan et al. 2019, "Neural Spline Flows").
 
-    :math:`y_A = x_A`, :math:`y_B = \mathrm{RQS}(x_B; \theta(x_A))`: a monotonic rational-quadratic spline with K
-    bins on :math:`[-B, B]`, identity outside (linear tails).
+    $y_A = x_A$, $y_B = \mathrm{RQS}(x_B; \theta(x_A))$: a monotonic rational-quadratic spline with K
+    bins on $[-B, B]$, identity outside (linear tails).
 
-    * log-det: :math:`\sum_{i \in B} \log \mathrm{RQS}'(x_i)`;
-    * inverse (closed form, one pass): per coordinate, the root in :math:`[0, 1]` of a quadratic, computed without
+    * log-det: $\sum_{i \in B} \log \mathrm{RQS}'(x_i)$;
+    * inverse (closed form, one pass): per coordinate, the root in $[0, 1]$ of a quadratic, computed without
       cancellation (accurate for extreme conditioner outputs).
 
     Starts at the identity.
@@ -180,7 +180,7 @@ class SplineCoupling(_Coupling):
         hidden_dims: hidden widths of the conditioner network.
         num_bins: number of bins K.
         bound: half-width B of the spline interval.
-        mask: pass-through coordinates, see :class:`AffineCoupling`.
+        mask: pass-through coordinates, see [`AffineCoupling`][pyro_flows.transforms.coupling.AffineCoupling].
         residual: residual conditioner.
         context_dim: context size of the amortized variant (0: unconditional).
 

@@ -20,19 +20,19 @@ __all__ = ["ElementwiseAffine", "LeakyReLU"]
 
 @registry.register("elementwise_affine")
 class ElementwiseAffine(ParametricFlow):
-    r"""Per-dimension affine map :math:`y = \mu + e^{s} \odot x`.
+    r"""Per-dimension affine map $y = \mu + e^{s} \odot x$.
 
-    * log-det: :math:`\sum_i s_i` (independent of :math:`x`);
-    * inverse (closed form, O(D)): :math:`x = (y - \mu) e^{-s}`.
+    * log-det: $\sum_i s_i$ (independent of $x$);
+    * inverse (closed form, O(D)): $x = (y - \mu) e^{-s}$.
 
-    Starts at the identity (:math:`\mu = 0, s = 0`).
+    Starts at the identity ($\mu = 0, s = 0$).
 
     Args:
         dim: event size D.
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = ElementwiseAffine(3)
         >>> x = torch.randn(4, 3)
@@ -65,20 +65,20 @@ class ElementwiseAffine(ParametricFlow):
 class LeakyReLU(ParametricFlow):
     r"""Leaky ReLU with a learnable positive slope per dimension.
 
-    :math:`y_i = x_i` if :math:`x_i \ge 0` else :math:`a_i x_i`, with :math:`a = e^{\rho}`.
+    $y_i = x_i$ if $x_i \ge 0$ else $a_i x_i$, with $a = e^{\rho}$.
 
-    * log-det: :math:`\sum_{i: x_i < 0} \log a_i`;
-    * inverse (closed form, O(D)): :math:`x_i = y_i` if :math:`y_i \ge 0` else :math:`y_i / a_i`.
+    * log-det: $\sum_{i: x_i < 0} \log a_i$;
+    * inverse (closed form, O(D)): $x_i = y_i$ if $y_i \ge 0$ else $y_i / a_i$.
 
-    Starts at the identity (:math:`a = 1`). The map is piecewise linear; it is the element-wise non-linearity
+    Starts at the identity ($a = 1$). The map is piecewise linear; it is the element-wise non-linearity
     used between linear flows (e.g. Pyro's fixed-slope ``LeakyReLUTransform``), here with a learnable slope.
 
     Args:
         dim: event size D.
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = LeakyReLU(2)
         >>> x = torch.tensor([[-1.0, 2.0]])

@@ -1,26 +1,26 @@
-r"""Linear flows :math:`y = W x + b` with structured, always-invertible :math:`W`.
+r"""Linear flows $y = W x + b$ with structured, always-invertible $W$.
 
-Each keeps :math:`\log|\det W|` cheap (O(D)) and its inverse exact (a permutation, triangular solves or
-reflections in reverse order). Shared helpers live in :mod:`pyro_flows.transforms._utils`: :func:`positive`
+Each keeps $\log|\det W|$ cheap (O(D)) and its inverse exact (a permutation, triangular solves or
+reflections in reverse order). Shared helpers live in `pyro_flows.transforms._utils`: `positive`
 diagonals, packed triangular matrices, batched mat-vec and triangular solves, products of Householder reflections;
-in this module the bias and log-det helpers and :func:`lu_factors` (also used by the 1×1 convolution). Every
-learnable flow here is a :class:`~pyro_flows.transforms.base.ParametricFlow`, so its raw parameters may carry
-batch dimensions and the conditional (amortized) variants reuse the same code. Linear flows are sensitive to the
-coordinate ordering: interleave permutations between them.
+in this module the bias and log-det helpers and [`lu_factors`][pyro_flows.transforms.linear.lu_factors] (also used by
+the 1×1 convolution). Every learnable flow here is a [`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow], so
+its raw parameters may carry batch dimensions and the conditional (amortized) variants reuse the same code. Linear flows
+are sensitive to the coordinate ordering: interleave permutations between them.
 
-Families (name in :data:`~pyro_flows.transforms.registry.registry`: matrix :math:`W`; log-det; inverse):
+Families (name in `registry`: matrix $W$; log-det; inverse):
 
-* ``permutation``: :math:`P`; 0; an index gather;
-* ``triangular``: :math:`L` with positive diagonal; :math:`\sum_i \log L_{ii}`; a triangular solve, O(D²);
-* ``convex_triangular``: :math:`\sum_k w_k L_k`, :math:`w` on the simplex; 0 (or :math:`\sum_i \log d_i`); a
+* ``permutation``: $P$; 0; an index gather;
+* ``triangular``: $L$ with positive diagonal; $\sum_i \log L_{ii}$; a triangular solve, O(D²);
+* ``convex_triangular``: $\sum_k w_k L_k$, $w$ on the simplex; 0 (or $\sum_i \log d_i$); a
   triangular solve, O(D²);
-* ``lu``: :math:`P L U`; :math:`\sum_i \log U_{ii}`; two triangular solves, O(D²);
-* ``householder``: :math:`H_1 \cdots H_K`; 0; the K reflections in reverse order, O(K·D);
-* ``qr``: :math:`H_1 \cdots H_K R`; :math:`\sum_i \log R_{ii}`; reflections in reverse, then a triangular solve.
+* ``lu``: $P L U$; $\sum_i \log U_{ii}$; two triangular solves, O(D²);
+* ``householder``: $H_1 \cdots H_K$; 0; the K reflections in reverse order, O(K·D);
+* ``qr``: $H_1 \cdots H_K R$; $\sum_i \log R_{ii}$; reflections in reverse, then a triangular solve.
 
 All but ``permutation`` have an amortized variant (``context_dim > 0``, in
-:data:`~pyro_flows.transforms.registry.conditional_registry`): their raw parameters are offset by a hypernetwork of
-the context (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+`conditional_registry`): their raw parameters are offset by a hypernetwork of
+the context ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 """
 
 from __future__ import annotations
@@ -77,16 +77,16 @@ def make_permutation(dim: int, permutation: PermutationSpec, generator: torch.Ge
 
 
 def lu_factors(lower: Tensor, upper: Tensor, raw_diag: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Build the factors of :math:`W = P L U` from raw parameters (shared by :class:`LU` and the 1×1 convolution).
+    r"""Build the factors of $W = P L U$ from raw parameters (shared by `LU` and the 1×1 convolution).
 
     Args:
-        lower: ``(..., dim(dim-1)/2)`` strictly lower entries of the unit lower-triangular :math:`L`.
-        upper: ``(..., dim(dim-1)/2)`` strictly upper entries of :math:`U`.
-        raw_diag: ``(..., dim)`` raw diagonal of :math:`U`, mapped through :func:`positive`.
+        lower: ``(..., dim(dim-1)/2)`` strictly lower entries of the unit lower-triangular $L$.
+        upper: ``(..., dim(dim-1)/2)`` strictly upper entries of $U$.
+        raw_diag: ``(..., dim)`` raw diagonal of $U$, mapped through `positive`.
         dim: matrix size.
 
     Returns:
-        ``(L, U, diag(U))``; :math:`\log|\det LU| = \sum_i \log U_{ii}`.
+        ``(L, U, diag(U))``; $\log|\det LU| = \sum_i \log U_{ii}$.
 
     """
     diag = positive(raw_diag)
@@ -119,10 +119,10 @@ def _paired_vectors(count: int, dim: int) -> Tensor:
 
 @registry.register("permutation")
 class Permutation(Flow):
-    r"""Fixed permutation of the coordinates, :math:`y_i = x_{\pi(i)}`.
+    r"""Fixed permutation of the coordinates, $y_i = x_{\pi(i)}$.
 
     * log-det: 0 (volume preserving);
-    * inverse (closed form): :math:`x_{\pi(i)} = y_i`, an index gather in both directions.
+    * inverse (closed form): $x_{\pi(i)} = y_i$, an index gather in both directions.
 
     The permutation is a buffer, so it is saved in ``state_dict`` and moves with ``.to(device)``.
 
@@ -131,7 +131,7 @@ class Permutation(Flow):
         permutation: ``"reverse"`` (default), ``"random"`` or an explicit sequence of indices.
         generator: random generator for ``"random"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> Permutation(3)(torch.tensor([1.0, 2.0, 3.0]))
         tensor([3., 2., 1.])
@@ -157,24 +157,24 @@ class Permutation(Flow):
 
 @registry.register("triangular")
 class Triangular(ParametricFlow):
-    r"""Lower-triangular linear flow :math:`y = L x + b`.
+    r"""Lower-triangular linear flow $y = L x + b$.
 
-    :math:`L` has free entries below the diagonal and a positive diagonal :math:`L_{ii} = \mathrm{softplus}(\rho_i)
-    + 10^{-3}`, so it is invertible for any raw parameters.
+    $L$ has free entries below the diagonal and a positive diagonal $L_{ii} = \mathrm{softplus}(\rho_i)
+    + 10^{-3}$, so it is invertible for any raw parameters.
 
-    * log-det: :math:`\sum_i \log L_{ii}` (O(D));
+    * log-det: $\sum_i \log L_{ii}$ (O(D));
     * forward: one matrix product, O(D²) per point; inverse: one triangular solve, O(D²) per point.
 
     Starts at the identity. This is the linear IAF of Kingma et al. (2016) with a learnable diagonal (a
-    :math:`D \times D` autoregressive affine map).
+    $D \times D$ autoregressive affine map).
 
     Args:
         dim: event size D.
-        bias: learn the offset :math:`b` (default ``True``).
+        bias: learn the offset $b$ (default ``True``).
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = Triangular(3)
         >>> x = torch.randn(4, 3)
@@ -208,20 +208,20 @@ class Triangular(ParametricFlow):
 
 @registry.register("convex_triangular")
 class ConvexTriangular(ParametricFlow):
-    r"""Convex-combination linear IAF (ccLinIAF, Tomczak & Welling 2017): :math:`y = (\sum_k w_k L_k) x + b`.
+    r"""Convex-combination linear IAF (ccLinIAF, Tomczak & Welling 2017): $y = (\sum_k w_k L_k) x + b$.
 
-    The :math:`L_k` are lower-triangular with unit diagonal (free strictly-lower entries) and
-    :math:`w = \mathrm{softmax}(\alpha)` lies on the simplex, so :math:`L` is unit lower-triangular for any raw
+    The $L_k$ are lower-triangular with unit diagonal (free strictly-lower entries) and
+    $w = \mathrm{softmax}(\alpha)$ lies on the simplex, so $L$ is unit lower-triangular for any raw
     parameters. With ``diagonal=True`` the shared diagonal becomes learnable and positive,
-    :math:`L_{ii} = \mathrm{softplus}(\rho_i) + 10^{-3}`.
+    $L_{ii} = \mathrm{softplus}(\rho_i) + 10^{-3}$.
 
-    * log-det: 0 (the paper's volume-preserving case), or :math:`\sum_i \log L_{ii}` with ``diagonal=True``;
+    * log-det: 0 (the paper's volume-preserving case), or $\sum_i \log L_{ii}$ with ``diagonal=True``;
     * forward: combining the matrices costs O(K·D²) per call, then O(D²) per point; inverse: one triangular
       solve, O(D²) per point.
 
-    Starts near the identity (the :math:`L_k` off-diagonals are drawn from :math:`N(0, 10^{-4})` so that the
+    Starts near the identity (the $L_k$ off-diagonals are drawn from $N(0, 10^{-4})$ so that the
     matrices are distinguishable and the weights get gradients). Amortized (``context_dim > 0``) as in the paper:
-    the encoder state gives the weights, :math:`w(c) = \mathrm{softmax}(\alpha_0 + g(c))`; the matrices, the
+    the encoder state gives the weights, $w(c) = \mathrm{softmax}(\alpha_0 + g(c))$; the matrices, the
     diagonal and the bias stay global.
 
     Reference: J. M. Tomczak & M. Welling, "Improving Variational Auto-Encoders using convex combination linear
@@ -231,11 +231,11 @@ class ConvexTriangular(ParametricFlow):
         dim: event size D.
         num_matrices: number K of triangular matrices.
         diagonal: learn a positive diagonal (default ``False``: unit diagonal, volume preserving).
-        bias: learn the offset :math:`b` (default ``False``, as in the paper).
+        bias: learn the offset $b$ (default ``False``, as in the paper).
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = ConvexTriangular(4, num_matrices=3)
         >>> flow.weights().shape, torch.allclose(flow.weights().sum(), torch.tensor(1.0))
@@ -258,7 +258,7 @@ class ConvexTriangular(ParametricFlow):
             self.add_raw_param("bias", torch.zeros(dim), amortized=False)
 
     def weights(self, context: Tensor | None = None) -> Tensor:
-        """The convex weights :math:`w` (or :math:`w(c)`) on the simplex, of shape ``context batch + (K,)``."""
+        """The convex weights $w$ (or $w(c)$) on the simplex, of shape ``context batch + (K,)``."""
         if context is not None:
             self.check_context(context)
         return torch.softmax(self.raw_params(context)["logits"], dim=-1)
@@ -282,24 +282,24 @@ class ConvexTriangular(ParametricFlow):
 
 @registry.register("lu")
 class LU(ParametricFlow):
-    r"""LU-parameterized linear flow :math:`y = P L U x + b` (Kingma & Dhariwal 2018, Glow).
+    r"""LU-parameterized linear flow $y = P L U x + b$ (Kingma & Dhariwal 2018, Glow).
 
-    :math:`P` is a fixed permutation (random by default, a buffer), :math:`L` unit lower-triangular and :math:`U`
-    upper-triangular with positive diagonal :math:`U_{ii} = \mathrm{softplus}(\rho_i) + 10^{-3}`; together they
-    reach every matrix whose LU factorization under :math:`P` has a positive-diagonal :math:`U`.
+    $P$ is a fixed permutation (random by default, a buffer), $L$ unit lower-triangular and $U$
+    upper-triangular with positive diagonal $U_{ii} = \mathrm{softplus}(\rho_i) + 10^{-3}$; together they
+    reach every matrix whose LU factorization under $P$ has a positive-diagonal $U$.
 
-    * log-det: :math:`\sum_i \log U_{ii}` (O(D));
-    * forward O(D²) per point (plus O(D³) per call to form :math:`LU`); inverse: two triangular solves.
+    * log-det: $\sum_i \log U_{ii}$ (O(D));
+    * forward O(D²) per point (plus O(D³) per call to form $LU$); inverse: two triangular solves.
 
-    Starts at the permutation :math:`P`.
+    Starts at the permutation $P$.
 
     Args:
         dim: event size D.
-        permutation: ``"random"`` (default), ``"reverse"`` or explicit indices for :math:`P`.
-        bias: learn the offset :math:`b` (default ``True``).
+        permutation: ``"random"`` (default), ``"reverse"`` or explicit indices for $P$.
+        bias: learn the offset $b$ (default ``True``).
         generator: random generator for the permutation.
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
     """
 
@@ -338,16 +338,16 @@ class LU(ParametricFlow):
 
 @registry.register("householder")
 class Householder(ParametricFlow):
-    r"""Householder flow (Tomczak & Welling 2016): :math:`y = H_1 H_2 \cdots H_K x + b`.
+    r"""Householder flow (Tomczak & Welling 2016): $y = H_1 H_2 \cdots H_K x + b$.
 
-    :math:`H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2` reflects through the hyperplane orthogonal to
-    :math:`v_k`. A product of reflections is orthogonal for any (non-zero) :math:`v_k`; a zero :math:`v_k` is treated as
-    :math:`H_k = I`. Each reflection is an O(D) vector update, never a :math:`D \times D` matrix
-    (:func:`~pyro_flows.transforms._utils.householder_product`).
+    $H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2$ reflects through the hyperplane orthogonal to
+    $v_k$. A product of reflections is orthogonal for any (non-zero) $v_k$; a zero $v_k$ is treated as
+    $H_k = I$. Each reflection is an O(D) vector update, never a $D \times D$ matrix
+    (`householder_product`).
 
     * log-det: 0 (volume preserving);
-    * forward: O(K·D) per point, :math:`H_K` applied first; inverse: the same reflections in reverse order
-      (:math:`Q^{-1} = Q^\top = H_K \cdots H_1`), O(K·D) per point.
+    * forward: O(K·D) per point, $H_K$ applied first; inverse: the same reflections in reverse order
+      ($Q^{-1} = Q^\top = H_K \cdots H_1$), O(K·D) per point.
 
     The vectors start random in identical consecutive pairs, so the flow starts at the identity when K is even
     (an odd K leaves one reflection).
@@ -358,11 +358,11 @@ class Householder(ParametricFlow):
     Args:
         dim: event size D.
         num_reflections: number K of reflections.
-        bias: learn the offset :math:`b` (default ``False``).
+        bias: learn the offset $b$ (default ``False``).
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant (the hypernetwork emits
             the reflection vectors, as the encoder does in the Householder-flow VAE).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = Householder(4, num_reflections=2)
         >>> x = torch.randn(3, 4)
@@ -388,30 +388,30 @@ class Householder(ParametricFlow):
 
 @registry.register("qr")
 class QR(ParametricFlow):
-    r"""QR linear flow :math:`y = Q R x + b` (Hoogeboom, van den Berg & Welling 2019).
+    r"""QR linear flow $y = Q R x + b$ (Hoogeboom, van den Berg & Welling 2019).
 
-    :math:`Q = H_1 \cdots H_K` is a product of Householder reflections (orthogonal; K = D reaches every orthogonal
-    matrix), :math:`R` upper-triangular with positive diagonal :math:`R_{ii} = \mathrm{softplus}(\rho_i)
-    + 10^{-3}`, so :math:`W = QR` is invertible for any raw parameters and reaches every invertible matrix when
+    $Q = H_1 \cdots H_K$ is a product of Householder reflections (orthogonal; K = D reaches every orthogonal
+    matrix), $R$ upper-triangular with positive diagonal $R_{ii} = \mathrm{softplus}(\rho_i)
+    + 10^{-3}$, so $W = QR$ is invertible for any raw parameters and reaches every invertible matrix when
     K = D.
 
-    * log-det: :math:`\sum_i \log R_{ii}` (O(D));
+    * log-det: $\sum_i \log R_{ii}$ (O(D));
     * forward: O(D² + K·D) per point; inverse: reflections in reverse order, then a triangular solve with
-      :math:`R`, O(D² + K·D) per point. No :math:`D \times D` orthogonal matrix is formed.
+      $R$, O(D² + K·D) per point. No $D \times D$ orthogonal matrix is formed.
 
-    Starts at :math:`R = I` and :math:`Q = I` when K is even (paired reflection vectors).
+    Starts at $R = I$ and $Q = I$ when K is even (paired reflection vectors).
 
     Reference: E. Hoogeboom, R. van den Berg & M. Welling, "Emerging Convolutions for Generative Normalizing
     Flows", ICML 2019 (Section 3.3, QR decomposition).
 
     Args:
         dim: event size D.
-        num_reflections: number K of reflections in :math:`Q` (default D).
-        bias: learn the offset :math:`b` (default ``True``).
+        num_reflections: number K of reflections in $Q$ (default D).
+        bias: learn the offset $b$ (default ``True``).
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = QR(4)
         >>> x = torch.randn(3, 4)

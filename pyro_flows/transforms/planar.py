@@ -1,6 +1,7 @@
 r"""Planar flows (Rezende & Mohamed 2015) with an exact inverse.
 
-Also home of :func:`bracketed_newton`, the vectorized scalar root finder used by the planar and Sylvester inverses.
+Also home of [`bracketed_newton`][pyro_flows.transforms.planar.bracketed_newton], the vectorized scalar root finder used
+by the planar and Sylvester inverses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["Planar", "bracketed_newton"]
 
 logger = logging.getLogger(__name__)
 
-#: Largest number of iterations of :func:`bracketed_newton` (bisection alone needs ~60 in float64).
+#: Largest number of iterations of `bracketed_newton` (bisection alone needs ~60 in float64).
 MAX_NEWTON_ITERATIONS = 200
 
 
@@ -32,19 +33,19 @@ def bracketed_newton(
     start: Tensor,
     max_iter: int = MAX_NEWTON_ITERATIONS,
 ) -> tuple[Tensor, int]:
-    r"""Solve :math:`g(x) = 0` element-wise for an increasing :math:`g` with a root in ``[lower, upper]``.
+    r"""Solve $g(x) = 0$ element-wise for an increasing $g$ with a root in ``[lower, upper]``.
 
-    Newton steps :math:`x \leftarrow x - g(x) / g'(x)`, safeguarded by the bracket: the bracket shrinks to each
-    evaluated point by the sign of :math:`g`, and a Newton step that leaves it (or is NaN) is replaced by bisection.
-    The iteration stops when every element's step or residual is at most :math:`4\epsilon (1 + |x|)` (``ε`` the
+    Newton steps $x \leftarrow x - g(x) / g'(x)$, safeguarded by the bracket: the bracket shrinks to each
+    evaluated point by the sign of $g$, and a Newton step that leaves it (or is NaN) is replaced by bisection.
+    The iteration stops when every element's step or residual is at most $4\epsilon (1 + |x|)$ (``ε`` the
     dtype's machine epsilon) or its bracket is 16 times that, i.e. to machine precision; convergence is guaranteed
     (bisection halves the bracket) and is quadratic near simple roots. Runs without autograd: apply one
     differentiable Newton step at the returned root to get implicit-function gradients.
 
     Args:
         fn: ``x ↦ (g(x), g'(x))``, element-wise on tensors of the shape of ``start``.
-        lower: lower ends of the brackets (:math:`g \le 0` there).
-        upper: upper ends of the brackets (:math:`g \ge 0` there).
+        lower: lower ends of the brackets ($g \le 0$ there).
+        upper: upper ends of the brackets ($g \ge 0$ there).
         start: initial guesses (clamped into the brackets).
         max_iter: iteration limit.
 
@@ -55,7 +56,7 @@ def bracketed_newton(
         ValueError: if ``start`` has non-finite values (the flow's input had NaN or ±inf).
         RuntimeError: if some element has not converged after ``max_iter`` iterations.
 
-    Example:
+    Examples:
         >>> import torch
         >>> c = torch.tensor([0.5, 3.0], dtype=torch.float64)
         >>> root, _ = bracketed_newton(lambda a: (a + 0.5 * torch.tanh(a) - c, 1.5 - 0.5 * torch.tanh(a) ** 2),
@@ -98,32 +99,35 @@ def _dot(x: Tensor, v: Tensor) -> Tensor:
 
 @registry.register("planar")
 class Planar(ParametricFlow):
-    r"""Planar flow :math:`f(z) = z + \hat u\, \tanh(w^\top z + b)` (Rezende & Mohamed 2015).
+    r"""Planar flow $f(z) = z + \hat u\, \tanh(w^\top z + b)$ (Rezende & Mohamed 2015).
 
-    Invertibility: with :math:`h = \tanh` (:math:`0 < h' \le 1`), :math:`f` is invertible iff
-    :math:`w^\top \hat u \ge -1`. The raw :math:`u` is mapped to
+    Invertibility: with $h = \tanh$ ($0 < h' \le 1$), $f$ is invertible iff
+    $w^\top \hat u \ge -1$. The raw $u$ is mapped to
 
-    .. math:: \hat u = u + \big(m(w^\top u) - w^\top u\big)\, \frac{w}{\lVert w \rVert^2},
-        \qquad m(a) = -1 + \mathrm{softplus}(a) + 10^{-3},
+    $$
+    \hat u = u + \big(m(w^\top u) - w^\top u\big)\, \frac{w}{\lVert w \rVert^2},
+    \qquad m(a) = -1 + \mathrm{softplus}(a) + 10^{-3},
+    $$
 
-    so :math:`w^\top \hat u = m(w^\top u) > -0.999` for any raw :math:`u, w` (the paper's reparameterization with a
+    so $w^\top \hat u = m(w^\top u) > -0.999$ for any raw $u, w$ (the paper's reparameterization with a
     margin, so the log-det stays finite; ``w = 0`` is a translation and is guarded).
 
-    * log-det: :math:`\log\big(1 + h'(w^\top z + b)\, w^\top \hat u\big)`, O(D);
-    * inverse: with :math:`a = w^\top z + b` and :math:`s = w^\top \hat u`, :math:`a` solves the scalar, strictly
-      increasing equation :math:`a + s \tanh a = w^\top y + b`, whose root lies in
-      :math:`[w^\top y + b - |s|,\, w^\top y + b + |s|]`; it is found by :func:`bracketed_newton` to machine
-      precision (typically 3–6 iterations, vectorized over the batch), then :math:`z = y - \hat u \tanh a`.
-      ``inverse_atol`` (1e-8) is a conservative bound in float64.
+    * log-det: $\log\big(1 + h'(w^\top z + b)\, w^\top \hat u\big)$, O(D);
+    * inverse: with $a = w^\top z + b$ and $s = w^\top \hat u$, $a$ solves the scalar, strictly
+      increasing equation $a + s \tanh a = w^\top y + b$, whose root lies in
+      $[w^\top y + b - |s|,\, w^\top y + b + |s|]$; it is found by
+      [`bracketed_newton`][pyro_flows.transforms.planar.bracketed_newton] to machine precision (typically 3–6
+      iterations, vectorized over the batch), then $z = y - \hat u \tanh a$. ``inverse_atol`` (1e-8) is a conservative
+      bound in float64.
 
-    Starts at the identity (:math:`\hat u = 0`, random :math:`w` of norm ~1).
+    Starts at the identity ($\hat u = 0$, random $w$ of norm ~1).
 
     Args:
         dim: event size D.
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = Planar(3)
         >>> x = torch.randn(4, 3)
@@ -146,12 +150,12 @@ class Planar(ParametricFlow):
 
     @staticmethod
     def _u_hat(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Return :math:`\hat u` and :math:`s = w^\top \hat u`.
+        r"""Return $\hat u$ and $s = w^\top \hat u$.
 
-        :math:`\hat u = u_\perp + m(w^\top u)\, w / \lVert w \rVert^2` with :math:`u_\perp` the part of :math:`u`
-        orthogonal to :math:`w`, projected twice (the second pass removes the round-off of a large parallel
-        part), so :math:`w^\top \hat u = m > -1` holds to round-off of :math:`\hat u` itself for any raw values in
-        float32 too. ``w = 0`` is a translation: :math:`s = 0`.
+        $\hat u = u_\perp + m(w^\top u)\, w / \lVert w \rVert^2$ with $u_\perp$ the part of $u$
+        orthogonal to $w$, projected twice (the second pass removes the round-off of a large parallel
+        part), so $w^\top \hat u = m > -1$ holds to round-off of $\hat u$ itself for any raw values in
+        float32 too. ``w = 0`` is a translation: $s = 0$.
         """
         sq = w.pow(2).sum(-1, keepdim=True)
         nonzero = sq > 0
@@ -164,7 +168,7 @@ class Planar(ParametricFlow):
 
     @staticmethod
     def _log_det(act: Tensor, s: Tensor) -> Tensor:
-        r""":math:`\log(1 + (1 - a^2) s)` for the activation :math:`a`."""
+        r"""$\log(1 + (1 - a^2) s)$ for the activation $a$."""
         return torch.log1p(torch.addcmul(s, act, act * s, value=-1.0))
 
     def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:

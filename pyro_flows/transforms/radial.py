@@ -17,30 +17,30 @@ __all__ = ["Radial"]
 
 @registry.register("radial")
 class Radial(ParametricFlow):
-    r"""Radial flow :math:`f(z) = z + \beta\, h(\alpha, r)\,(z - z_0)` (Rezende & Mohamed 2015).
+    r"""Radial flow $f(z) = z + \beta\, h(\alpha, r)\,(z - z_0)$ (Rezende & Mohamed 2015).
 
-    Here :math:`h = 1 / (\alpha + r)` and :math:`r = \lVert z - z_0 \rVert`.
+    Here $h = 1 / (\alpha + r)$ and $r = \lVert z - z_0 \rVert$.
 
-    Parameterization: :math:`\alpha = \mathrm{softplus}(\rho_\alpha) + 10^{-3} > 0` and
-    :math:`\beta = -\alpha + \mathrm{softplus}(\rho_\beta) + 10^{-3} > -\alpha`, which makes :math:`f` a bijection
-    for any raw values (the radius map :math:`r \mapsto r (\alpha + \beta + r) / (\alpha + r)` is strictly
+    Parameterization: $\alpha = \mathrm{softplus}(\rho_\alpha) + 10^{-3} > 0$ and
+    $\beta = -\alpha + \mathrm{softplus}(\rho_\beta) + 10^{-3} > -\alpha$, which makes $f$ a bijection
+    for any raw values (the radius map $r \mapsto r (\alpha + \beta + r) / (\alpha + r)$ is strictly
     increasing from 0 to ∞).
 
-    * log-det: :math:`(D - 1) \log(1 + \beta h) + \log(1 + \beta h + \beta h' r)
-      = (D - 1)\log\big(1 + \tfrac{\beta}{\alpha + r}\big) + \log\big(1 + \tfrac{\alpha\beta}{(\alpha + r)^2}\big)`,
+    * log-det: $(D - 1) \log(1 + \beta h) + \log(1 + \beta h + \beta h' r)
+      = (D - 1)\log\big(1 + \tfrac{\beta}{\alpha + r}\big) + \log\big(1 + \tfrac{\alpha\beta}{(\alpha + r)^2}\big)$,
       O(D);
-    * inverse (closed form, O(D)): :math:`r' = \lVert y - z_0 \rVert` gives :math:`r` as the positive root of
-      :math:`r^2 + (\alpha + \beta - r') r - \alpha r' = 0` (evaluated in a cancellation-free form), then
-      :math:`z = z_0 + (y - z_0) / (1 + \beta / (\alpha + r))`.
+    * inverse (closed form, O(D)): $r' = \lVert y - z_0 \rVert$ gives $r$ as the positive root of
+      $r^2 + (\alpha + \beta - r') r - \alpha r' = 0$ (evaluated in a cancellation-free form), then
+      $z = z_0 + (y - z_0) / (1 + \beta / (\alpha + r))$.
 
-    Starts at the identity (:math:`\beta = 0`, :math:`\alpha = 1`, random centre :math:`z_0`).
+    Starts at the identity ($\beta = 0$, $\alpha = 1$, random centre $z_0$).
 
     Args:
         dim: event size D.
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = Radial(3)
         >>> x = torch.randn(4, 3)
@@ -57,7 +57,7 @@ class Radial(ParametricFlow):
 
     @staticmethod
     def _alpha_gamma(params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        r""":math:`\alpha` and :math:`\gamma = \alpha + \beta`, both positive (no cancellation for any raw values)."""
+        r"""$\alpha$ and $\gamma = \alpha + \beta$, both positive (no cancellation for any raw values)."""
         return positive(params["raw_alpha"]).unsqueeze(-1), positive(params["raw_beta"]).unsqueeze(-1)
 
     def _log_det(self, alpha: Tensor, gamma: Tensor, r: Tensor) -> Tensor:

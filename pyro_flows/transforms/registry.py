@@ -2,14 +2,15 @@
 
 Three registries are public API:
 
-* :data:`registry` — ``factory(dim: int, **kwargs) -> Flow``, one layer acting on vectors of size ``dim``;
-* :data:`conditional_registry` — ``factory(dim: int, context_dim: int, **kwargs) -> ConditionalFlow``, derived
+* [`registry`][pyro_flows.transforms.registry] — ``factory(dim: int, **kwargs) -> Flow``, one layer acting on vectors of
+  size ``dim``;
+* `conditional_registry` — ``factory(dim: int, context_dim: int, **kwargs) -> ConditionalFlow``, derived
   from the unconditional family (same keyword arguments: it *is* the family class built with ``context_dim``);
-* :data:`image_registry` — ``factory(event_shape: tuple[int, int, int], **kwargs) -> Flow`` for flows on
+* `image_registry` — ``factory(event_shape: tuple[int, int, int], **kwargs) -> Flow`` for flows on
   ``(C, H, W)`` events.
 
 A family joins by decorating its class with ``@registry.register("name")``: that registers the class and, when
-the family has an amortized variant (:attr:`~pyro_flows.transforms.base.Flow.has_conditional`), its conditional
+the family has an amortized variant (`has_conditional`), its conditional
 factory; the conformance suite in ``tests/`` then checks both automatically.
 
 Examples:
@@ -34,8 +35,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 def factory_keywords(factory: Callable[..., Any]) -> frozenset[str]:
     """The keyword arguments a layer factory accepts, besides the event size (and ``context_dim``).
 
-    For a :class:`~pyro_flows.transforms.base.ParametricFlow` family whose ``__init__`` forwards ``**context`` to
-    the base class, the hypernetwork's keywords (``context_dim``, ``context_hidden_dims``) are included.
+    For a [`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow] family whose ``__init__`` forwards ``**context``
+    to the base class, the hypernetwork's keywords (``context_dim``, ``context_hidden_dims``) are included.
     """
     parameters = list(inspect.signature(factory).parameters.values())[1:]
     names = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
@@ -52,14 +53,14 @@ class ConditionalFactory:
     it in a Pyro ``ConditionalTransformModule``, so its keyword arguments cannot drift from the family's.
 
     Args:
-        family: a :class:`~pyro_flows.transforms.base.Flow` subclass with ``has_conditional``.
+        family: a [`Flow`][pyro_flows.transforms.base.Flow] subclass with ``has_conditional``.
 
     """
 
     def __init__(self, family: type[Flow]) -> None:
         self.family = family
         self.__name__ = self.__qualname__ = f"Conditional{family.__name__}"
-        self.__doc__ = f"Amortized :class:`~{family.__module__}.{family.__name__}` (see that class)."
+        self.__doc__ = f"Amortized `{family.__module__}.{family.__name__}` (see that class)."
         parameters = list(inspect.signature(family).parameters.values())
         context = inspect.Parameter("context_dim", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
         rest = [p for p in parameters[1:] if p.name != "context_dim" and p.kind is not p.VAR_KEYWORD]
@@ -79,7 +80,7 @@ class ConditionalFactory:
 
 
 class FlowRegistry(Mapping[str, Callable[..., Any]]):
-    """A read-only mapping from flow names to layer factories, filled by :meth:`register`.
+    """A read-only mapping from flow names to layer factories, filled by `register`.
 
     Args:
         kind: a short description of what the factories take, used in error messages.
@@ -93,7 +94,7 @@ class FlowRegistry(Mapping[str, Callable[..., Any]]):
         self._factories: dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str) -> Callable[[F], F]:
-        """Return a decorator that registers a factory (usually a :class:`Flow` subclass) under ``name``.
+        """Return a decorator that registers a factory (usually a `Flow` subclass) under ``name``.
 
         Raises:
             ValueError: if ``name`` is already registered.

@@ -1,38 +1,40 @@
-r"""Residual flows :math:`y = x + g(x)` with :math:`\mathrm{Lip}(g) < 1` (i-ResNet / Residual Flows).
+r"""Residual flows $y = x + g(x)$ with $\mathrm{Lip}(g) < 1$ (i-ResNet / Residual Flows).
 
-**Invertibility.** :math:`g` is a :class:`~pyro_flows.nn.lipschitz.LipschitzMLP`: exact spectral normalization of
-every linear layer with coefficient :math:`c` (default 0.97, exact largest singular value, not power iteration)
-and LipSwish activations, so :math:`\mathrm{Lip}(g) \le c^{L} < 1` for any raw parameters and
-:math:`x \mapsto x + g(x)` is a bijection of :math:`\mathbb{R}^D` (Behrmann et al. 2019).
+**Invertibility.** $g$ is a [`LipschitzMLP`][pyro_flows.nn.LipschitzMLP]: exact spectral normalization of
+every linear layer with coefficient $c$ (default 0.97, exact largest singular value, not power iteration)
+and LipSwish activations, so $\mathrm{Lip}(g) \le c^{L} < 1$ for any raw parameters and
+$x \mapsto x + g(x)$ is a bijection of $\mathbb{R}^D$ (Behrmann et al. 2019).
 
-**Inverse.** Banach fixed-point iteration :math:`x_{k+1} = y - g(x_k)`, :math:`x_0 = y`. With the guaranteed bound
-:math:`\ell = \prod_i \sigma_{\max}(\hat W_i)` the error after a step is at most
-:math:`\ell/(1-\ell)\,\|x_{k+1} - x_k\|_2`, so iteration stops once this bound is below ``inverse_tol``
+**Inverse.** Banach fixed-point iteration $x_{k+1} = y - g(x_k)$, $x_0 = y$. With the guaranteed bound
+$\ell = \prod_i \sigma_{\max}(\hat W_i)$ the error after a step is at most
+$\ell/(1-\ell)\,\|x_{k+1} - x_k\|_2$, so iteration stops once this bound is below ``inverse_tol``
 (default ``1e-6``; in float32 a round-off floor of ``16 · eps · |x|`` is added). Each step costs one network pass;
-the number of steps is about :math:`\log(\text{tol}) / \log(\mathrm{Lip}(g))`. If ``max_iter`` steps do not reach the
-tolerance a :class:`FixedPointError` is raised. Gradients through the inverse use the implicit function theorem:
-the incoming gradient :math:`\bar x` is replaced by the solution of :math:`u = \bar x - J_g^T u` (again a contraction),
-so memory does not grow with the number of iterations (first-order gradients only: the hook builds no graph for a
-double backward).
+the number of steps is about $\log(\text{tol}) / \log(\mathrm{Lip}(g))$. If ``max_iter`` steps do not reach the
+tolerance a [`FixedPointError`][pyro_flows.transforms.residual.FixedPointError] is raised. Gradients through the inverse
+use the implicit function theorem: the incoming gradient $\bar x$ is replaced by the solution of $u = \bar x - J_g^T u$
+(again a contraction), so memory does not grow with the number of iterations (first-order gradients only: the hook
+builds no graph for a double backward).
 
-**Log-det.** :math:`\log\det(I + J_g(x))` (positive determinant since :math:`\|J_g\| < 1`).
+**Log-det.** $\log\det(I + J_g(x))$ (positive determinant since $\|J_g\| < 1$).
 
 * ``"exact"`` (default when ``dim ≤ 16``): the Jacobian in closed form from the network's layers, then ``slogdet``;
   O(B · D · Σ hᵢhᵢ₊₁ + B · D³).
 * ``"estimator"`` (default when ``dim > 16``): the unbiased Russian-roulette power series of Chen et al. (2019),
 
-  .. math:: \log\det(I+J) = \mathbb{E}_{n, v}\Bigl[\sum_{k=1}^{n} \frac{(-1)^{k+1}}{k}
-            \frac{v^T J^k v}{P(N \ge k)}\Bigr],
+    $$
+    \log\det(I+J) = \mathbb{E}_{n, v}\Bigl[\sum_{k=1}^{n} \frac{(-1)^{k+1}}{k}
+    \frac{v^T J^k v}{P(N \ge k)}\Bigr],
+    $$
 
-  :math:`n` = ``num_exact_terms`` + Geometric(``geom_p``) (one draw per call), :math:`v` standard normal
-  (``num_samples`` probes). Its gradient uses the Neumann series
-  :math:`\partial \log\det(I+J) = \mathbb{E}\bigl[\sum_{k=0}^{n-1} (-1)^k v^T J^k (\partial J) v / P(N \ge k+1)\bigr]`:
-  the vector :math:`w^T = \sum_k (-1)^k v^T J^k / P(N\ge k+1)` is built without autograd history and only the single
-  product :math:`w^T J v` is differentiated, so memory is O(1) in the number of terms.
-  Cost: E[n] = ``num_exact_terms + (1 - geom_p)/geom_p`` vector-Jacobian products per probe. Trade-offs: more
-  ``num_exact_terms`` or probes lower the variance linearly in cost; a smaller ``geom_p`` makes long series
-  likelier (lower variance of the truncation, higher mean cost). The variance is finite when
-  :math:`\mathrm{Lip}(g)^2 < 1 - p` roughly; keep ``coeff`` moderate with the estimator.
+    $n$ = ``num_exact_terms`` + Geometric(``geom_p``) (one draw per call), $v$ standard normal
+    (``num_samples`` probes). Its gradient uses the Neumann series
+    $\partial \log\det(I+J) = \mathbb{E}\bigl[\sum_{k=0}^{n-1} (-1)^k v^T J^k (\partial J) v / P(N \ge k+1)\bigr]$:
+    the vector $w^T = \sum_k (-1)^k v^T J^k / P(N\ge k+1)$ is built without autograd history and only the single
+    product $w^T J v$ is differentiated, so memory is O(1) in the number of terms.
+    Cost: E[n] = ``num_exact_terms + (1 - geom_p)/geom_p`` vector-Jacobian products per probe. Trade-offs: more
+    ``num_exact_terms`` or probes lower the variance linearly in cost; a smaller ``geom_p`` makes long series
+    likelier (lower variance of the truncation, higher mean cost). The variance is finite when
+    $\mathrm{Lip}(g)^2 < 1 - p$ roughly; keep ``coeff`` moderate with the estimator.
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen. *Invertible Residual Networks*. ICML 2019.
@@ -70,7 +72,7 @@ def _fixed_point(
 ) -> Tensor:
     r"""Iterate ``z ← step(z)`` (a contraction of constant ≤ ``lip``) until the error bound is below ``tol``.
 
-    The bound is Banach's :math:`\|z_k - z^*\|_2 \le \ell/(1-\ell)\,\|z_k - z_{k-1}\|_2`, per event (last dim).
+    The bound is Banach's $\|z_k - z^*\|_2 \le \ell/(1-\ell)\,\|z_k - z_{k-1}\|_2$, per event (last dim).
     """
     step_tol = tol * (1.0 - lip) / lip if lip > 0 else float("inf")
     floor = 16 * torch.finfo(start.dtype).eps
@@ -89,19 +91,20 @@ def _fixed_point(
 
 @registry.register("residual")
 class Residual(Flow):
-    r"""Invertible residual block :math:`y = x + g(x)`, :math:`\mathrm{Lip}(g) \le c^{L} < 1` (Chen et al. 2019).
+    r"""Invertible residual block $y = x + g(x)$, $\mathrm{Lip}(g) \le c^{L} < 1$ (Chen et al. 2019).
 
-    * log-det: :math:`\log\det(I + J_g(x))`, exact (closed-form Jacobian + ``slogdet``, default for ``dim ≤ 16``) or
+    * log-det: $\log\det(I + J_g(x))$, exact (closed-form Jacobian + ``slogdet``, default for ``dim ≤ 16``) or
       the unbiased Russian-roulette estimator with Neumann-series gradients (default above); see the module docs.
-    * inverse: fixed-point iteration to ``inverse_tol`` (≤ 1e-4, default 1e-6; :attr:`inverse_atol` states it),
-      at most ``max_iter`` network passes, :class:`FixedPointError` otherwise.
+    * inverse: fixed-point iteration to ``inverse_tol`` (≤ 1e-4, default 1e-6; `inverse_atol` states it),
+      at most ``max_iter`` network passes, [`FixedPointError`][pyro_flows.transforms.residual.FixedPointError]
+      otherwise.
 
     ``g`` starts at zero (identity flow). Stack several blocks with ActNorm/permutations in between for capacity.
 
     Args:
         dim: event size D.
         hidden_dims: hidden widths of ``g``.
-        coeff: spectral-norm coefficient :math:`c \in (0, 1)` of each layer.
+        coeff: spectral-norm coefficient $c \in (0, 1)$ of each layer.
         log_det: ``"auto"`` (exact iff ``dim ≤ 16``), ``"exact"`` or ``"estimator"``.
         num_exact_terms: power-series terms always computed by the estimator.
         geom_p: success probability of the geometric number of extra terms (Russian roulette).
@@ -109,10 +112,10 @@ class Residual(Flow):
         inverse_tol: guaranteed absolute accuracy of the inverse (float64).
         max_iter: iteration cap of the inverse and of its gradient solve.
         context_dim: context size of the amortized variant (0: unconditional). The context enters the first layer
-            of ``g`` additively (:math:`\hat W_1 x + V c + b_1`, :math:`V` unconstrained), so every conditioned map
+            of ``g`` additively ($\hat W_1 x + V c + b_1$, $V$ unconstrained), so every conditioned map
             is an invertible residual block.
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = Residual(3)
         >>> with torch.no_grad():
@@ -208,7 +211,7 @@ class Residual(Flow):
     def _implicit_gradient_hook(
         self, x_star: Tensor, context: Tensor | None, weights: tuple[Tensor, ...], lip: float
     ) -> Callable[[Tensor], Tensor]:
-        r"""Backward hook solving :math:`u = \bar x - J_g(x^*)^T u` (implicit function theorem)."""
+        r"""Backward hook solving $u = \bar x - J_g(x^*)^T u$ (implicit function theorem)."""
 
         def hook(grad: Tensor) -> Tensor:
             with torch.no_grad():

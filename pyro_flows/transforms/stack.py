@@ -1,14 +1,14 @@
-r"""One stack builder for every consumer (autoguides, amortized guides, densities): :func:`build_flows`.
+r"""One stack builder for every consumer (autoguides, amortized guides, densities): `build_flows`.
 
 A *spec* is a registry name or a sequence of names (one block, e.g. ``("lu", "leaky_relu")``); the stack is the
 block repeated ``num_flows`` times, so the same spec gives the same layers wherever it is used.
 
-Permutation rule. With ``permutation="auto"`` a reversal :class:`~pyro_flows.transforms.linear.Permutation` is
+Permutation rule. With ``permutation="auto"`` a reversal [`Permutation`][pyro_flows.transforms.linear.Permutation] is
 inserted between consecutive blocks when a family of the block declares
-:attr:`~pyro_flows.transforms.base.Flow.needs_permutation` (its dependencies follow a fixed coordinate order:
+`needs_permutation` (its dependencies follow a fixed coordinate order:
 autoregressive, coupling, triangular). The reversal makes every such order alternate; together with the coupling
-layers' default ``"half"`` mask (the last :math:`\lceil D/2 \rceil` coordinates are transformed), every coordinate
-is transformed by one of any two consecutive coupling layers, in every dimension :math:`D \ge 2`.
+layers' default ``"half"`` mask (the last $\lceil D/2 \rceil$ coordinates are transformed), every coordinate
+is transformed by one of any two consecutive coupling layers, in every dimension $D \ge 2$.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def build_flows(
 
     Returns:
         The layers in order, ready for ``TransformedDistribution`` (conditional ones through
-        :func:`condition_flows`).
+        [`condition_flows`][pyro_flows.transforms.stack.condition_flows]).
 
     Raises:
         TypeError: a keyword argument that no family of the block accepts (named in the message), or a bad spec.

@@ -2,28 +2,32 @@ r"""Sylvester flows (van den Berg et al. 2018): orthogonal, Householder and tria
 
 All three share the map
 
-.. math:: f(z) = z + Q R\, h(\tilde R Q^\top z + b), \qquad h = \tanh,
+$$
+f(z) = z + Q R\, h(\tilde R Q^\top z + b), \qquad h = \tanh,
+$$
 
-with :math:`Q \in \mathbb{R}^{D \times M}` having orthonormal columns (:math:`M \le D` hidden units),
-:math:`R, \tilde R \in \mathbb{R}^{M \times M}` upper triangular and :math:`b \in \mathbb{R}^M`. By Sylvester's
-determinant identity and :math:`Q^\top Q = I`, the Jacobian :math:`I_D + Q R\, \mathrm{diag}(h')\, \tilde R Q^\top`
-has determinant :math:`\det(I_M + \mathrm{diag}(h') \tilde R R)`; :math:`\tilde R R` is upper triangular with
-diagonal :math:`\tilde R_{ii} R_{ii}`, so
+with $Q \in \mathbb{R}^{D \times M}$ having orthonormal columns ($M \le D$ hidden units),
+$R, \tilde R \in \mathbb{R}^{M \times M}$ upper triangular and $b \in \mathbb{R}^M$. By Sylvester's
+determinant identity and $Q^\top Q = I$, the Jacobian $I_D + Q R\, \mathrm{diag}(h')\, \tilde R Q^\top$
+has determinant $\det(I_M + \mathrm{diag}(h') \tilde R R)$; $\tilde R R$ is upper triangular with
+diagonal $\tilde R_{ii} R_{ii}$, so
 
-.. math:: \log|\det J| = \sum_{i=1}^M \log\big(1 + h'(\tilde r_i)\, R_{ii} \tilde R_{ii}\big),
-    \qquad \tilde r = \tilde R Q^\top z + b,
+$$
+\log|\det J| = \sum_{i=1}^M \log\big(1 + h'(\tilde r_i)\, R_{ii} \tilde R_{ii}\big),
+\qquad \tilde r = \tilde R Q^\top z + b,
+$$
 
 exactly (the triangular structure is real: only the strict upper triangles and the diagonals are parameters).
-The diagonals are :math:`R_{ii} = \tanh \rho_i` and :math:`\tilde R_{ii} = 0.999 \tanh \tilde\rho_i`, so
-:math:`R_{ii}\tilde R_{ii} > -0.999 \ge -1/\lVert h' \rVert_\infty` for any raw values: every factor
-:math:`1 + h' R_{ii}\tilde R_{ii} \ge 10^{-3}` and the map is a bijection.
+The diagonals are $R_{ii} = \tanh \rho_i$ and $\tilde R_{ii} = 0.999 \tanh \tilde\rho_i$, so
+$R_{ii}\tilde R_{ii} > -0.999 \ge -1/\lVert h' \rVert_\infty$ for any raw values: every factor
+$1 + h' R_{ii}\tilde R_{ii} \ge 10^{-3}$ and the map is a bijection.
 
-Inverse (all variants): :math:`z_\perp = y_\perp` off the column space of :math:`Q`, and :math:`v = Q^\top z` solves
-:math:`v + R\, h(\tilde R v + b) = Q^\top y`. Both matrices being upper triangular, this is solved by back
-substitution from :math:`v_M` to :math:`v_1`, each coordinate a strictly increasing scalar equation
-:math:`v_i + R_{ii} \tanh(\tilde R_{ii} v_i + c_i) = k_i` (derivative ≥ 1e-3, root within :math:`k_i \pm |R_{ii}|`)
-solved by :func:`~pyro_flows.transforms.planar.bracketed_newton` to machine precision. The solve therefore
-converges for every parameter value (no contraction condition); cost: :math:`M` sequential scalar solves of a few
+Inverse (all variants): $z_\perp = y_\perp$ off the column space of $Q$, and $v = Q^\top z$ solves
+$v + R\, h(\tilde R v + b) = Q^\top y$. Both matrices being upper triangular, this is solved by back
+substitution from $v_M$ to $v_1$, each coordinate a strictly increasing scalar equation
+$v_i + R_{ii} \tanh(\tilde R_{ii} v_i + c_i) = k_i$ (derivative ≥ 1e-3, root within $k_i \pm |R_{ii}|$)
+solved by [`bracketed_newton`][pyro_flows.transforms.planar.bracketed_newton] to machine precision. The solve therefore
+converges for every parameter value (no contraction condition); cost: $M$ sequential scalar solves of a few
 Newton iterations each, vectorized over the batch, plus O(DM + M²) per point. ``inverse_atol`` = 1e-8 (float64).
 """
 
@@ -53,14 +57,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: :math:`\tilde R_{ii}` is scaled by this factor so that :math:`R_{ii}\tilde R_{ii} \ge -(1 - 10^{-3})`.
+#: $\tilde R_{ii}$ is scaled by this factor so that $R_{ii}\tilde R_{ii} \ge -(1 - 10^{-3})$.
 DIAGONAL_MARGIN = 1.0 - 1e-3
-#: Iteration limit of :func:`bjorck_orthonormalize` (enough for a smallest singular value ~1e-16 of the scaled input).
+#: Iteration limit of `bjorck_orthonormalize` (enough for a smallest singular value ~1e-16 of the scaled input).
 MAX_BJORCK_ITERATIONS = 100
 
 
 def bjorck_tolerance(dtype: torch.dtype, num_columns: int) -> float:
-    r"""Stopping tolerance of :func:`bjorck_orthonormalize`: :math:`\max(10^{-12}, 100\,\epsilon\sqrt{M})`."""
+    r"""Stopping tolerance of `bjorck_orthonormalize`: $\max(10^{-12}, 100\,\epsilon\sqrt{M})$."""
     return max(1e-12, 100.0 * torch.finfo(dtype).eps * math.sqrt(num_columns))
 
 
@@ -69,17 +73,17 @@ def bjorck_orthonormalize(
 ) -> tuple[Tensor, int]:
     r"""Orthonormalize the columns of (a batch of) ``matrix`` by Björck & Bowie's iteration.
 
-    :math:`Q_0 = A / s` with :math:`s^2 = \tfrac12 \lVert A^\top A \rVert_\infty \ge \tfrac12 \sigma_{\max}(A)^2`,
-    then :math:`Q_{k+1} = Q_k \big(I + \tfrac12 (I - Q_k^\top Q_k)\big)` (van den Berg et al. 2018, Eq. 19). Each
-    singular value follows :math:`\sigma \mapsto \sigma (3 - \sigma^2) / 2`, which converges to 1 from any
-    :math:`\sigma \in (0, \sqrt 3)` (here :math:`\sigma \le \sqrt 2`): the iteration converges iff :math:`A` has
-    full column rank (linearly from tiny :math:`\sigma`, quadratically near 1; 2–5 iterations for a nearly
-    orthogonal :math:`A`). It stops when :math:`\max_{ij} |Q^\top Q - I|_{ij} \le` ``tol`` (default
-    :func:`bjorck_tolerance`) and is differentiable.
+    $Q_0 = A / s$ with $s^2 = \tfrac12 \lVert A^\top A \rVert_\infty \ge \tfrac12 \sigma_{\max}(A)^2$,
+    then $Q_{k+1} = Q_k \big(I + \tfrac12 (I - Q_k^\top Q_k)\big)$ (van den Berg et al. 2018, Eq. 19). Each
+    singular value follows $\sigma \mapsto \sigma (3 - \sigma^2) / 2$, which converges to 1 from any
+    $\sigma \in (0, \sqrt 3)$ (here $\sigma \le \sqrt 2$): the iteration converges iff $A$ has
+    full column rank (linearly from tiny $\sigma$, quadratically near 1; 2–5 iterations for a nearly
+    orthogonal $A$). It stops when $\max_{ij} |Q^\top Q - I|_{ij} \le$ ``tol`` (default
+    [`bjorck_tolerance`][pyro_flows.transforms.sylvester.bjorck_tolerance]) and is differentiable.
 
     Args:
         matrix: ``(..., D, M)`` with ``M ≤ D``.
-        tol: stopping tolerance on the entries of :math:`Q^\top Q - I`.
+        tol: stopping tolerance on the entries of $Q^\top Q - I$.
         max_iter: iteration limit.
 
     Returns:
@@ -88,7 +92,7 @@ def bjorck_orthonormalize(
     Raises:
         RuntimeError: if it has not converged after ``max_iter`` iterations (rank-deficient ``matrix``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> q, _ = bjorck_orthonormalize(torch.randn(6, 4, dtype=torch.float64))
         >>> torch.allclose(q.T @ q, torch.eye(4, dtype=torch.float64), atol=1e-12)
@@ -115,22 +119,22 @@ def bjorck_orthonormalize(
 
 
 def householder_columns(vectors: Tensor, num_columns: int) -> Tensor:
-    r"""First ``num_columns`` columns of a product of Householder reflections :math:`Q = H_1 \cdots H_K`.
+    r"""First ``num_columns`` columns of a product of Householder reflections $Q = H_1 \cdots H_K$.
 
-    Each :math:`H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2`. Uses the compact WY form of a product of
+    Each $H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2$. Uses the compact WY form of a product of
     reflections (Joffrain et al. 2006, "Accumulating Householder transformations, revisited"): with
-    :math:`V = [v_1 \dots v_K]` and the upper-triangular
-    :math:`T = \mathrm{striu}(V^\top V) + \tfrac12 \mathrm{diag}(V^\top V)`, :math:`Q = I - V T^{-1} V^\top`; so
-    :math:`Q_{:, :M} = I_{:, :M} - V\, T^{-1} V_{:M, :}^\top`: one Gram product, one K×K triangular solve and one
+    $V = [v_1 \dots v_K]$ and the upper-triangular
+    $T = \mathrm{striu}(V^\top V) + \tfrac12 \mathrm{diag}(V^\top V)$, $Q = I - V T^{-1} V^\top$; so
+    $Q_{:, :M} = I_{:, :M} - V\, T^{-1} V_{:M, :}^\top$: one Gram product, one K×K triangular solve and one
     product, O(K²D + KDM), instead of K sequential reflections or D×D products. Equals
-    :func:`pyro_flows.transforms._utils.householder_product` applied to :math:`e_1 \dots e_M`. A zero vector is the
-    identity reflection (the dtype's smallest normal number is added to the diagonal of :math:`T`).
+    `pyro_flows.transforms._utils.householder_product` applied to $e_1 \dots e_M$. A zero vector is the
+    identity reflection (the dtype's smallest normal number is added to the diagonal of $T$).
 
     Args:
-        vectors: ``(..., K, D)`` reflection vectors :math:`v_k` (any non-zero scale).
+        vectors: ``(..., K, D)`` reflection vectors $v_k$ (any non-zero scale).
         num_columns: M ≤ D.
 
-    Example:
+    Examples:
         >>> import torch
         >>> q = householder_columns(torch.randn(3, 5, dtype=torch.float64), 5)
         >>> torch.allclose(q.T @ q, torch.eye(5, dtype=torch.float64))
@@ -148,7 +152,7 @@ def householder_columns(vectors: Tensor, num_columns: int) -> Tensor:
 
 
 class _Sylvester(ParametricFlow):
-    """Shared map, log-det and inverse; subclasses define :math:`Q` by ``_basis``, ``_project`` and ``_lift``."""
+    """Shared map, log-det and inverse; subclasses define $Q$ by ``_basis``, ``_project`` and ``_lift``."""
 
     inverse_atol = 1e-8
 
@@ -174,26 +178,26 @@ class _Sylvester(ParametricFlow):
         self.last_inverse_iterations = 0
 
     def _basis(self, params: Mapping[str, Tensor]) -> Tensor | None:
-        """:math:`Q` as a ``(..., D, M)`` matrix, or ``None`` when it is a fixed permutation."""
+        """$Q$ as a ``(..., D, M)`` matrix, or ``None`` when it is a fixed permutation."""
         raise NotImplementedError
 
     def _project(self, q: Tensor | None, x: Tensor) -> Tensor:
-        r""":math:`Q^\top x` for ``x`` of shape ``(..., D)``."""
+        r"""$Q^\top x$ for ``x`` of shape ``(..., D)``."""
         assert q is not None
         return x @ q if q.dim() == 2 else matvec(q.transpose(-1, -2), x)
 
     def _lift(self, q: Tensor | None, v: Tensor) -> Tensor:
-        """:math:`Q v` for ``v`` of shape ``(..., M)``."""
+        """$Q v$ for ``v`` of shape ``(..., M)``."""
         assert q is not None
         return matvec(q, v)
 
     def _fold(self, q: Tensor | None, r: Tensor, rt: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Unbatched :math:`A = Q R` (D×M) and :math:`B = \tilde R Q^\top` (M×D)."""
+        r"""Unbatched $A = Q R$ (D×M) and $B = \tilde R Q^\top$ (M×D)."""
         assert q is not None
         return q @ r, rt @ q.transpose(-1, -2)
 
     def _triangles(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        r""":math:`R`, :math:`\tilde R` and the products :math:`R_{ii}\tilde R_{ii}`."""
+        r"""$R$, $\tilde R$ and the products $R_{ii}\tilde R_{ii}$."""
         diag = torch.tanh(params["diag"]) * self._diag_scale
         entries = nn.functional.pad(torch.cat([diag, params["upper"]], dim=-1), (1, 0))
         m = self.num_hidden
@@ -202,7 +206,7 @@ class _Sylvester(ParametricFlow):
 
     @staticmethod
     def _log_det(act: Tensor, diag_prod: Tensor) -> Tensor:
-        r"""Sum of :math:`\log(1 + (1 - a_i^2) R_{ii}\tilde R_{ii})` for the activations :math:`a = \tanh(\tilde r)`."""
+        r"""Sum of $\log(1 + (1 - a_i^2) R_{ii}\tilde R_{ii})$ for the activations $a = \tanh(\tilde r)$."""
         return torch.log1p(torch.addcmul(diag_prod, act, act * diag_prod, value=-1.0)).sum(-1)
 
     def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -264,23 +268,25 @@ class _Sylvester(ParametricFlow):
 
 @registry.register("sylvester_orthogonal")
 class SylvesterOrthogonal(_Sylvester):
-    r"""Orthogonal Sylvester flow: :math:`Q` = Björck orthonormalization of a free :math:`D \times M` matrix.
+    r"""Orthogonal Sylvester flow: $Q$ = Björck orthonormalization of a free $D \times M$ matrix.
 
-    :math:`Q` is recomputed from the raw matrix at every call by :func:`bjorck_orthonormalize`, stopped when
-    :math:`\max|Q^\top Q - I| \le 10^{-12}` (float64; :func:`bjorck_tolerance` otherwise), so the closed-form
-    log-det is exact to that tolerance. Converges whenever the raw matrix has full column rank (it starts at
-    :math:`I_{:, :M}`). Cost per call: a few :math:`O(DM^2)` products, plus two GEMMs for the batch.
+    $Q$ is recomputed from the raw matrix at every call by
+    [`bjorck_orthonormalize`][pyro_flows.transforms.sylvester.bjorck_orthonormalize], stopped when $\max|Q^\top Q - I|
+    \le 10^{-12}$ (float64; [`bjorck_tolerance`][pyro_flows.transforms.sylvester.bjorck_tolerance] otherwise), so the
+    closed-form log-det is exact to that tolerance. Converges whenever the raw matrix has full column rank (it starts at
+    $I_{:, :M}$). Cost per call: a few $O(DM^2)$ products, plus two GEMMs for the batch.
 
-    Map, log-det, parameterization and inverse: see :mod:`pyro_flows.transforms.sylvester` (van den Berg et al.
-    2018, "Sylvester normalizing flows for variational inference"). Starts at the identity (:math:`R = 0`).
+    Map, log-det, parameterization and inverse: see [`pyro_flows.transforms.sylvester`][pyro_flows.transforms.sylvester]
+    (van den Berg et al. 2018, "Sylvester normalizing flows for variational inference"). Starts at the identity ($R =
+    0$).
 
     Args:
         dim: event size D.
         num_hidden: number of hidden units M ≤ D (default D).
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = SylvesterOrthogonal(4, num_hidden=2)
         >>> x = torch.randn(3, 4)
@@ -304,22 +310,24 @@ class SylvesterOrthogonal(_Sylvester):
 
 @registry.register("sylvester_householder")
 class SylvesterHouseholder(_Sylvester):
-    r"""Householder Sylvester flow: :math:`Q` = first M columns of a product of H Householder reflections.
+    r"""Householder Sylvester flow: $Q$ = first M columns of a product of H Householder reflections.
 
-    :math:`Q = H_1 \cdots H_H`, :math:`H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2`, is orthogonal to round-off for
-    any raw vectors, built at each call by :func:`householder_columns` in O(H²D + HDM) (no D×D matrix products).
+    $Q = H_1 \cdots H_H$, $H_k = I - 2 v_k v_k^\top / \lVert v_k \rVert^2$, is orthogonal to round-off for
+    any raw vectors, built at each call by [`householder_columns`][pyro_flows.transforms.sylvester.householder_columns]
+    in O(H²D + HDM) (no D×D matrix products).
 
-    Map, log-det, parameterization and inverse: see :mod:`pyro_flows.transforms.sylvester` (van den Berg et al.
-    2018, "Sylvester normalizing flows for variational inference"). Starts at the identity (:math:`R = 0`).
+    Map, log-det, parameterization and inverse: see [`pyro_flows.transforms.sylvester`][pyro_flows.transforms.sylvester]
+    (van den Berg et al. 2018, "Sylvester normalizing flows for variational inference"). Starts at the identity ($R =
+    0$).
 
     Args:
         dim: event size D.
         num_hidden: number of hidden units M ≤ D (default D).
         num_reflections: number H of reflections (default 8).
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = SylvesterHouseholder(4)
         >>> x = torch.randn(3, 4)
@@ -338,22 +346,23 @@ class SylvesterHouseholder(_Sylvester):
 
 @registry.register("sylvester_triangular")
 class SylvesterTriangular(_Sylvester):
-    r"""Triangular Sylvester flow: :math:`Q` is a fixed permutation, the identity or the reversal (M = D).
+    r"""Triangular Sylvester flow: $Q$ is a fixed permutation, the identity or the reversal (M = D).
 
     Stacks alternate the direction of the triangular dependencies, as in the paper: the stack builder inserts a
-    reversal between layers (:attr:`needs_permutation`), or set ``reverse`` by hand. No cost for :math:`Q` (an index
+    reversal between layers (`needs_permutation`), or set ``reverse`` by hand. No cost for $Q$ (an index
     gather, or nothing).
 
-    Map, log-det, parameterization and inverse: see :mod:`pyro_flows.transforms.sylvester` (van den Berg et al.
-    2018, "Sylvester normalizing flows for variational inference"). Starts at the identity (:math:`R = 0`).
+    Map, log-det, parameterization and inverse: see [`pyro_flows.transforms.sylvester`][pyro_flows.transforms.sylvester]
+    (van den Berg et al. 2018, "Sylvester normalizing flows for variational inference"). Starts at the identity ($R =
+    0$).
 
     Args:
         dim: event size D.
         reverse: use the reversal permutation instead of the identity.
         **context: ``context_dim`` and ``context_hidden_dims`` of the amortized variant
-            (:class:`~pyro_flows.transforms.base.ParametricFlow`).
+            ([`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = SylvesterTriangular(4, reverse=True)
         >>> x = torch.randn(3, 4)
