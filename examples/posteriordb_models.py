@@ -1,4 +1,4 @@
-"""Four posteriordb posteriors written in Pyro, with a loader for posteriordb data files.
+"""Eleven posteriordb posteriors written in Pyro, with a loader for posteriordb data files.
 
 The models follow the Stan programs of the public posteriordb repository (``posterior_database/models/stan``)
 statement by statement; site names and shapes match
@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_value
@@ -121,6 +123,174 @@ def logearn_interaction(design: Tensor, log_earn: Tensor | None = None) -> None:
         pyro.sample("log_earn", dist.Normal(mean, sigma), obs=log_earn)
 
 
+def arma11(y: Tensor) -> None:
+    """ARMA(1, 1): ``err[t] = y[t] - (mu + phi * y[t-1] + theta * err[t-1])``, ``err ~ N(0, sigma)``.
+
+    Priors ``mu ~ N(0, 10)``, ``phi, theta ~ N(0, 2)``, ``sigma ~ C+(2.5)``; the first prediction is
+    ``mu + phi * mu`` (Stan's "``err[0] == 0``"). The errors are a recursion over the observed series, so ``y`` is
+    required; the observed site ``y`` (one event of ``T`` values) carries ``N(y | nu, sigma)``, which equals Stan's
+    ``err ~ normal(0, sigma)``.
+    """
+    mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), 10.0))
+    phi = pyro.sample("phi", dist.Normal(y.new_zeros(()), 2.0))
+    theta = pyro.sample("theta", dist.Normal(y.new_zeros(()), 2.0))
+    sigma = pyro.sample("sigma", dist.HalfCauchy(y.new_tensor(2.5)))
+    nus = [mu + phi * mu]
+    err = y[0] - nus[0]
+    for t in range(1, y.shape[-1]):
+        nus.append(mu + phi * y[t - 1] + theta * err)
+        err = y[t] - nus[-1]
+    # one event of T values (the errors are a chain over time, not independent plate members)
+    nu = torch.stack(torch.broadcast_tensors(*nus), dim=-1)
+    pyro.sample("y", dist.Normal(nu, sigma.unsqueeze(-1)).to_event(1), obs=y)
+
+
+def kilpisjarvi(x: Tensor, prior: Tensor, y: Tensor | None = None) -> None:
+    """``y ~ N(alpha + beta * x, sigma)`` with ``prior = [pmualpha, psalpha, pmubeta, psbeta]``, vague ``sigma``.
+
+    ``x`` is the year (1952–2013 as 3952–4013 in posteriordb's ``kilpisjarvi_mod`` data), uncentred: ``alpha`` and
+    ``beta`` are almost perfectly correlated a posteriori.
+    """
+    alpha = pyro.sample("alpha", dist.Normal(prior[0], prior[1]))
+    beta = pyro.sample("beta", dist.Normal(prior[2], prior[3]))
+    sigma = pyro.sample("sigma", dist.HalfNormal(x.new_tensor(VAGUE)))
+    with pyro.plate("year", x.shape[0]):
+        pyro.sample("y", dist.Normal(alpha + beta * x, sigma), obs=y)
+
+
+def kidscore_interaction(design: Tensor, kid_score: Tensor | None = None) -> None:
+    """``kid_score ~ N(X beta, sigma)``, ``X = [1, mom_hs, mom_iq, mom_hs * mom_iq]``, vague ``beta``.
+
+    ``sigma ~ C+(2.5)``.
+    """
+    beta = pyro.sample("beta", dist.Normal(design.new_zeros(4), VAGUE).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfCauchy(design.new_tensor(2.5)))
+    with pyro.plate("child", design.shape[0]):
+        mean = (design * beta).sum(-1)
+        pyro.sample("kid_score", dist.Normal(mean, sigma), obs=kid_score)
+
+
+def _vague_regression(obs_name: str, design: Tensor, obs: Tensor | None) -> None:
+    """``obs ~ N(X beta, sigma)`` with Stan's flat ``beta`` and ``sigma`` as vague proper priors."""
+    beta = pyro.sample("beta", dist.Normal(design.new_zeros(design.shape[-1]), VAGUE).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(design.new_tensor(VAGUE)))
+    with pyro.plate("obs", design.shape[0]):
+        mean = (design * beta).sum(-1)
+        pyro.sample(obs_name, dist.Normal(mean, sigma), obs=obs)
+
+
+def logearn_height_male(design: Tensor, log_earn: Tensor | None = None) -> None:
+    """``log(earn) ~ N(X beta, sigma)``, ``X = [1, height, male]``, vague ``beta`` and ``sigma``."""
+    _vague_regression("log_earn", design, log_earn)
+
+
+def logmesquite(design: Tensor, log_weight: Tensor | None = None) -> None:
+    """``log(weight) ~ N(X beta, sigma)``, vague ``beta`` (7) and ``sigma``.
+
+    ``X = [1, log diam1, log diam2, log canopy_height, log total_height, log density, group]``.
+    """
+    _vague_regression("log_weight", design, log_weight)
+
+
+def gp_regr(x: Tensor, y: Tensor | None = None) -> None:
+    """GP regression: ``y ~ MVN(0, K + diag(sigma))``, ``K[i, j] = alpha² exp(-(x_i - x_j)² / (2 rho²))``.
+
+    Priors ``rho ~ Gamma(25, 4)`` (shape, rate), ``alpha ~ N+(0, 2)``, ``sigma ~ N+(0, 1)``. As in the Stan
+    program the diagonal gets ``sigma`` itself (not ``sigma²``).
+    """
+    rho = pyro.sample("rho", dist.Gamma(x.new_tensor(25.0), 4.0))
+    alpha = pyro.sample("alpha", dist.HalfNormal(x.new_tensor(2.0)))
+    sigma = pyro.sample("sigma", dist.HalfNormal(x.new_tensor(1.0)))
+    sq_dist = (x.unsqueeze(-1) - x.unsqueeze(-2)) ** 2
+    rho_, alpha_, sigma_ = (v[..., None, None] for v in (rho, alpha, sigma))
+    eye = torch.eye(x.shape[-1], dtype=x.dtype)
+    cov = alpha_**2 * torch.exp(-0.5 * sq_dist / rho_**2) + sigma_ * eye
+    pyro.sample("y", dist.MultivariateNormal(x.new_zeros(x.shape[-1]), scale_tril=torch.linalg.cholesky(cov)), obs=y)
+
+
+class PositiveOrderedNormal(dist.TorchDistribution):
+    r"""Independent normals restricted to the positive ordered cone :math:`0 < x_1 < \dots < x_K`.
+
+    ``log_prob`` is :math:`\sum_k \log N(x_k \mid loc_k, scale_k)` on the cone (``-inf`` outside), without the
+    normalizer :math:`\log P(0 < X_1 < \dots < X_K)`: the density of Stan's ``positive_ordered[K] mu`` with
+    ``target += normal_lpdf(mu[k] | loc[k], scale[k])`` statements. Its support is
+    ``constraints.positive_ordered_vector``, so autoguides map it to unconstrained space with
+    ``biject_to`` (Pyro's ordered-then-exp transform, not Stan's ``mu[1] = exp(u[1])``,
+    ``mu[k] = mu[k-1] + exp(u[k])``; each adds its own log-Jacobian, the constrained posterior is the same).
+
+    ``sample`` draws exactly by rejection (redrawing only the rejected draws, at most 100 rounds); draws still
+    outside the cone after that are sorted absolute values (a feasible point, not an exact draw).
+
+    Examples:
+        >>> import torch
+        >>> d = PositiveOrderedNormal(torch.tensor([3.0, 10.0]), torch.tensor([1.0, 1.0]))
+        >>> x = d.sample((5,))
+        >>> bool(((x[..., 0] > 0) & (x[..., 1] > x[..., 0])).all())
+        True
+    """
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "loc": constraints.real_vector,
+        "scale": constraints.independent(constraints.positive, 1),
+    }
+    support = constraints.positive_ordered_vector
+
+    def __init__(self, loc: Tensor, scale: Tensor, validate_args: bool | None = None) -> None:
+        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+        super().__init__(self.loc.shape[:-1], self.loc.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> PositiveOrderedNormal:
+        """The distribution with its parameters expanded to ``batch_shape``."""
+        shape = torch.Size(batch_shape) + self.event_shape
+        return PositiveOrderedNormal(self.loc.expand(shape), self.scale.expand(shape))
+
+    def _in_cone(self, x: Tensor) -> Tensor:
+        return (x[..., :1] > 0).all(-1) & (x[..., 1:] > x[..., :-1]).all(-1)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
+        """Exact draws by rejection (see the class docstring)."""
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            x = torch.normal(self.loc.expand(shape), self.scale.expand(shape))
+            for _ in range(100):
+                bad = ~self._in_cone(x)
+                if not bool(bad.any()):
+                    return x
+                fresh = torch.normal(self.loc.expand(shape), self.scale.expand(shape))
+                x = torch.where(bad.unsqueeze(-1), fresh, x)
+            bad = ~self._in_cone(x)
+            return torch.where(bad.unsqueeze(-1), x.abs().sort(-1).values, x)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """Sum of the normal log densities on the cone, ``-inf`` outside (unnormalized, see above)."""
+        lp = dist.Normal(self.loc, self.scale).log_prob(value).sum(-1)
+        return torch.where(self._in_cone(value), lp, lp.new_tensor(-math.inf))
+
+
+def hmm_example(y: Tensor, num_states: int = 2) -> None:
+    """Two-state Gaussian HMM with the discrete states marginalized by the forward algorithm.
+
+    ``theta1``, ``theta2``: simplex rows of the transition matrix (Stan's implicit uniform prior is
+    ``Dirichlet(1, 1)``); ``mu``: ``positive_ordered`` state means with ``N(3, 1)``, ``N(10, 1)`` prior terms
+    (:class:`PositiveOrderedNormal`); ``y[t] ~ N(mu[z[t]], 1)``. The forward recursion
+    ``gamma[t, k] = logsumexp_j(gamma[t-1, j] + log theta[j, k]) + log N(y[t] | mu[k], 1)`` (with no initial-state
+    term, as in the Stan program) gives ``log p(y | theta, mu) = logsumexp_k gamma[N, k]``, added by ``pyro.factor``.
+    """
+    if num_states != 2:
+        raise ValueError("the hmm_example program has prior terms for exactly two states")
+    ones = y.new_ones(num_states)
+    theta1 = pyro.sample("theta1", dist.Dirichlet(ones))
+    theta2 = pyro.sample("theta2", dist.Dirichlet(ones))
+    mu = pyro.sample("mu", PositiveOrderedNormal(y.new_tensor([3.0, 10.0]), ones))
+    theta = pyro.deterministic("theta", torch.stack(torch.broadcast_tensors(theta1, theta2), dim=-2))
+    log_theta = theta.log()  # [..., j, k]: log p(z[t] = k | z[t-1] = j)
+    emission = dist.Normal(mu.unsqueeze(-2), 1.0).log_prob(y.unsqueeze(-1))  # [..., t, k]
+    gamma = emission[..., 0, :]
+    for t in range(1, y.shape[-1]):
+        gamma = torch.logsumexp(gamma.unsqueeze(-1) + log_theta, dim=-2) + emission[..., t, :]
+    pyro.factor("y", torch.logsumexp(gamma, dim=-1))
+
+
 def _eight_schools_args(data: dict[str, Any]) -> tuple[Tensor, Tensor]:
     return _tensor(data["sigma"]), _tensor(data["y"])
 
@@ -141,6 +311,41 @@ def _earnings_args(data: dict[str, Any]) -> tuple[Tensor, Tensor]:
     return design, _tensor(data["earn"]).log()
 
 
+def _arma_args(data: dict[str, Any]) -> tuple[Tensor]:
+    return (_tensor(data["y"]),)
+
+
+def _kilpisjarvi_args(data: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    prior = _tensor([data["pmualpha"], data["psalpha"], data["pmubeta"], data["psbeta"]])
+    return _tensor(data["x"]), prior, _tensor(data["y"])
+
+
+def _kidiq_interaction_args(data: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    mom_hs, mom_iq = _tensor(data["mom_hs"]), _tensor(data["mom_iq"])
+    design = torch.stack([torch.ones_like(mom_iq), mom_hs, mom_iq, mom_hs * mom_iq], dim=-1)
+    return design, _tensor(data["kid_score"])
+
+
+def _earnings_height_male_args(data: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    height, male = _tensor(data["height"]), _tensor(data["male"])
+    return torch.stack([torch.ones_like(height), height, male], dim=-1), _tensor(data["earn"]).log()
+
+
+def _mesquite_args(data: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    logs = [_tensor(data[k]).log() for k in ("diam1", "diam2", "canopy_height", "total_height", "density")]
+    group = _tensor(data["group"])
+    design = torch.stack([torch.ones_like(group), *logs, group], dim=-1)
+    return design, _tensor(data["weight"]).log()
+
+
+def _gp_args(data: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    return _tensor(data["x"]), _tensor(data["y"])
+
+
+def _hmm_args(data: dict[str, Any]) -> tuple[Tensor]:
+    return (_tensor(data["y"]),)
+
+
 @dataclass(frozen=True)
 class Posterior:
     """A posteriordb posterior: its model, data file name and how to turn the data into model arguments."""
@@ -154,7 +359,7 @@ class Posterior:
         return self.model, self.make_args(data)
 
 
-#: posteriordb posterior name -> model and data (the four with reference draws in ``../shared/data``).
+#: posteriordb posterior name -> model and data (the eleven with reference draws in ``../shared/data``).
 POSTERIORS: dict[str, Posterior] = {
     "eight_schools-eight_schools_noncentered": Posterior(
         eight_schools_noncentered, "eight_schools", _eight_schools_args
@@ -162,6 +367,13 @@ POSTERIORS: dict[str, Posterior] = {
     "arK-arK": Posterior(ar_k, "arK", _ar_k_args),
     "kidiq-kidscore_momiq": Posterior(kidscore_momiq, "kidiq", _kidiq_args),
     "earnings-logearn_interaction": Posterior(logearn_interaction, "earnings", _earnings_args),
+    "arma-arma11": Posterior(arma11, "arma", _arma_args),
+    "kilpisjarvi_mod-kilpisjarvi": Posterior(kilpisjarvi, "kilpisjarvi_mod", _kilpisjarvi_args),
+    "kidiq-kidscore_interaction": Posterior(kidscore_interaction, "kidiq", _kidiq_interaction_args),
+    "earnings-logearn_height_male": Posterior(logearn_height_male, "earnings", _earnings_height_male_args),
+    "mesquite-logmesquite": Posterior(logmesquite, "mesquite", _mesquite_args),
+    "gp_pois_regr-gp_regr": Posterior(gp_regr, "gp_pois_regr", _gp_args),
+    "hmm_example-hmm_example": Posterior(hmm_example, "hmm_example", _hmm_args),
 }
 
 
