@@ -1,10 +1,10 @@
-"""The package's one training loop: :func:`train` (used by density fitting and by SVI).
+"""The package's one training loop: [`train`][pyro_flows.training.train] (used by density fitting and by SVI).
 
 The loop knows nothing about models: it calls a user *step closure* that returns a scalar loss tensor, and does the
 rest: Adam(W) with PyTorch's fused (else foreach) kernel, optional gradient-norm clipping, learning-rate schedules,
 a ``tqdm`` bar with the running loss, an optional per-epoch validation with early stopping and restore of the
 best parameters, and a check of the loss and gradient norm at every step. A non-finite loss or gradient stops the
-run with a :class:`FloatingPointError` naming the step; the parameters are restored first, so they are never left
+run with a `FloatingPointError` naming the step; the parameters are restored first, so they are never left
 NaN:
 
 * with validation, to the best validated values (the initial ones before the first validation);
@@ -18,13 +18,13 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["LRSchedule", "TrainResult", "check_options", "make_adam", "train"]
+__all__ = ["LRSchedule", "TrainOptions", "TrainResult", "check_options", "make_adam", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,21 @@ LRSchedule = Literal["cosine", "plateau"] | Callable[[torch.optim.Optimizer], An
 _RUNNING_DECAY = 0.9
 
 
+class TrainOptions(TypedDict, total=False):
+    """The options of `train` that `check_options` validates, as keyword arguments (`fit_density` forwards them)."""
+
+    epochs: int
+    max_steps: int | None
+    lr: float
+    weight_decay: float
+    grad_clip: float | None
+    patience: int | None
+    lr_schedule: LRSchedule
+
+
 @dataclass
 class TrainResult:
-    """What :func:`train` did, one entry per epoch.
+    """What [`train`][pyro_flows.training.train] did, one entry per epoch.
 
     Attributes:
         losses: mean training loss of each epoch (averaged over its steps).
@@ -83,7 +95,7 @@ def check_options(
     patience: int | None = None,
     lr_schedule: LRSchedule = None,
 ) -> None:
-    """Validate the options of :func:`train` (called by it; callers call it first to fail before side effects).
+    """Validate the options of `train` (called by it; callers call it first to fail before side effects).
 
     Raises:
         ValueError: a bad option; the message names it.
@@ -172,11 +184,12 @@ def train(
         epochs: maximum number of epochs.
         batches: ``epoch -> iterable of batches`` handed to ``step`` in turn.
         max_steps: optional cap on the total number of optimizer steps.
-        optimizer: a torch optimizer over ``params`` (default: :func:`make_adam` with ``lr`` and ``weight_decay``).
+        optimizer: a torch optimizer over ``params`` (default: [`make_adam`][pyro_flows.training.make_adam] with ``lr``
+            and ``weight_decay``).
         lr: learning rate of the default optimizer.
         weight_decay: decoupled weight decay of the default optimizer (AdamW); 0 for plain Adam.
         grad_clip: clip the total gradient norm to this value (``None``: no clipping).
-        lr_schedule: see :data:`LRSchedule`; ``"plateau"`` watches the validation loss (else the training loss).
+        lr_schedule: see `LRSchedule`; ``"plateau"`` watches the validation loss (else the training loss).
         validate: ``() -> float``, the validation loss after each epoch (``None``: no validation).
         patience: with ``validate``, stop after this many epochs without a better validation loss (``None``:
             never stop early).
@@ -184,10 +197,11 @@ def train(
         desc: label of the bar and of error messages.
 
     Returns:
-        The :class:`TrainResult`.
+        The [`TrainResult`][pyro_flows.training.TrainResult].
 
     Raises:
-        ValueError: a bad option (named in the message, see :func:`check_options`), before any step.
+        ValueError: a bad option (named in the message, see [`check_options`][pyro_flows.training.check_options]),
+            before any step.
         FloatingPointError: a non-finite loss, gradient or validation loss; the parameters are restored first
             (see the module documentation).
 

@@ -204,3 +204,17 @@ def test_bad_configuration_and_inputs_raise_clear_errors() -> None:
         bad.posterior(torch.randn(3, DATA))
     with pytest.raises(TypeError, match="data tensor"):
         AmortizedFlowGuide(encoder(), HIDDEN, LATENT)([1.0, 2.0])  # type: ignore[arg-type]
+
+
+def test_a_one_dimensional_latent_takes_coupling_flows() -> None:
+    def scalar_model(x: torch.Tensor, full_size: int | None = None) -> None:
+        with pyro.plate("data", full_size or len(x), subsample=torch.arange(len(x))):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.expand(*z.shape[:-1], DATA), 1.0).to_event(1), obs=x)
+
+    for flow, kind in (("affine_coupling", "ElementwiseAffine"), ("spline_coupling", "SplineInverseAutoregressive")):
+        guide = AmortizedFlowGuide(encoder(), HIDDEN, 1, flow=flow, num_flows=2, flow_kwargs={"hidden_dims": (8,)})
+        assert [type(layer).__name__ for layer in guide.flows] == [kind, kind]
+        assert all(layer.context_dim == HIDDEN for layer in guide.flows)
+        elbo = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+        assert math.isfinite(elbo.loss(scalar_model, guide, torch.randn(5, DATA)))

@@ -351,3 +351,34 @@ def test_fit_svi_divergence_is_a_clear_error_and_leaves_finite_parameters(valida
         assert all(torch.equal(after[name], before[name]) for name in before)
     finally:
         torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+# -------------------------------------------------------------------------------------------------- hardening
+def test_the_export_refuses_a_subsampled_plate():
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", 300, subsample_size=50) as idx:
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=data[idx])
+
+    data = torch.randn(300)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"plate 'data' subsamples 50 of 300 points.*full data"):
+        to_inference_data(model, AutoNormal(model), data, num_samples=10)
+    with pytest.raises(ValueError, match=r"samples_to_inference_data .* plate 'data'"):
+        samples_to_inference_data(model, {"mu": torch.zeros(10)}, data)
+
+
+def test_importance_weights_refuse_enumerated_sites():
+    def mixture(data):
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Bernoulli(p), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(loc * z, 1.0), obs=data)
+
+    data = torch.randn(20) + 2.0
+    pyro.clear_param_store()
+    guide = AutoNormal(pyro.poutine.block(mixture, hide=["z"]))
+    for diagnostic in (psis_khat, importance_resample):
+        with pytest.raises(ValueError, match=r"enumerated discrete sites \['z'\].*drawn by the guide"):
+            diagnostic(mixture, guide, data, num_samples=100)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
@@ -25,12 +27,14 @@ from pyro_flows.guides import (
     AutoHouseholder,
     AutoIAF,
     AutoPlanar,
+    AutoSplineCoupling,
     AutoSylvester,
     flow_optim_args,
 )
+from pyro_flows.guides.autoflow import guide_flows
 from pyro_flows.transforms import conditional_registry, registry
 from pyro_flows.transforms.linear import Permutation
-from pyro_flows.transforms.stack import build_flows
+from pyro_flows.transforms.stack import build_flows, flow_names
 
 # Families each preset needs (a preset is tested once its family is registered).
 PRESET_FAMILIES = {
@@ -544,3 +548,78 @@ def test_tracing_an_untraceable_flow_names_it():
     svi = SVI(constrained_model, guide, Adam({"lr": 0.01}), JitTrace_ELBO(ignore_jit_warnings=True))
     with pytest.raises(NotImplementedError, match=r"\['Residual'\].*Trace_ELBO"):
         svi.step(DATA)
+
+
+# ----------------------------------------------------------------------------------------------------- hardening
+def scalar_model() -> None:
+    """One scalar, positive latent: D = 1."""
+    pyro.sample("s", dist.LogNormal(0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("make", "layers"),
+    [
+        (lambda: AutoSplineCoupling(scalar_model), ["SplineInverseAutoregressive"] * 2),
+        (lambda: AutoFlow(scalar_model, flow="affine_coupling", hidden_dims=(8,)), ["ElementwiseAffine"] * 2),
+        (lambda: AutoFlow(scalar_model, flow=("lu", "affine_coupling"), num_flows=1), ["LU", "ElementwiseAffine"]),
+    ],
+)
+def test_coupling_guides_fall_back_to_element_wise_layers_in_one_dimension(make, layers):
+    guide = make()
+    svi = SVI(scalar_model, guide, Adam({"lr": 0.01}), Trace_ELBO(num_particles=4, vectorize_particles=True))
+    assert all(math.isfinite(svi.step()) for _ in range(5))
+    assert [type(layer).__name__ for layer in guide.flows] == layers
+    assert guide.sample_posterior(7)["s"].shape == (7,) and guide.median()["s"] > 0
+
+
+def test_the_one_dimensional_fallback_keeps_checking_the_options():
+    assert [type(f).__name__ for f in guide_flows("affine_coupling", 2, 1)] == ["AffineCoupling"]
+    with pytest.raises(TypeError, match="hiden_dims"):
+        guide_flows("affine_coupling", 1, 1, hiden_dims=(8,))
+    with pytest.raises(ValueError, match="hidden_dims"):
+        guide_flows("spline_coupling", 1, 1, hidden_dims=(0,))
+
+
+def test_two_guides_of_one_class_keep_their_parameters_apart_by_name():
+    def model_a() -> None:
+        pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    def model_b() -> None:
+        pyro.sample("b", dist.Normal(torch.full((3,), 5.0), 1.0).to_event(1))
+
+    guide_a, guide_b = AutoIAF(model_a, name="guide_a"), AutoIAF(model_b, name="guide_b")
+    for model, guide in ((model_a, guide_a), (model_b, guide_b)):
+        svi = SVI(model, guide, Adam({"lr": 0.1}), Trace_ELBO())
+        for _ in range(60):
+            svi.step()
+    store = pyro.get_param_store()
+    assert {"guide_a.loc", "guide_b.loc"} <= set(store.keys()) and "AutoIAF.loc" not in store
+    assert store["guide_a.loc"].shape == (2,) and store["guide_b.loc"].shape == (3,)
+    assert guide_a.median()["a"].abs().max() < 1.0 and (guide_b.median()["b"] > 2.0).all()
+    assert AutoIAF(model_a)._pyro_name == "AutoIAF"
+
+
+TRACEABLE = [name for name in AVAILABLE if all(registry[family].traceable for family in flow_names(PRESETS[name].flow))]
+
+
+@pytest.mark.parametrize("name", TRACEABLE)
+def test_traceable_presets_serialize_with_trace_module(name, tmp_path):
+    guide = trained(name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace_module(guide, {"call": (DATA,)}, check_trace=False)
+    torch.jit.save(traced, tmp_path / "guide.pt")
+    loaded = torch.jit.load(tmp_path / "guide.pt")
+    pyro.set_rng_seed(3)
+    expected = guide.call(DATA)
+    pyro.set_rng_seed(3)
+    actual = loaded.call(DATA)
+    assert len(actual) == len(expected) == 5
+    assert all(torch.allclose(a, e, atol=1e-5) for a, e in zip(actual, expected, strict=True))
+
+
+@pytest.mark.parametrize("name", [name for name in AVAILABLE if name not in TRACEABLE])
+def test_tracing_an_untraceable_preset_is_refused(name):
+    guide = trained(name)
+    with pytest.raises(NotImplementedError, match=r"cannot be traced .*trace_module.*torch\.save"):
+        torch.jit.trace_module(guide, {"call": (DATA,)}, check_trace=False)

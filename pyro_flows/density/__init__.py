@@ -1,6 +1,6 @@
-"""Density estimation with normalizing flows: :class:`FlowDensity`, :func:`fit_density`, toys, dequantization.
+"""Density estimation with normalizing flows: `FlowDensity`, `fit_density`, toys, dequantization.
 
-Example:
+Examples:
     >>> import torch
     >>> from pyro_flows.density import FlowDensity, two_moons
     >>> x = two_moons(512, generator=torch.Generator().manual_seed(0))

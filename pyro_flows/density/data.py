@@ -1,20 +1,21 @@
 r"""Two-dimensional toy densities and the dequantization of integer data.
 
-The toy generators draw i.i.d. samples with an explicit :class:`torch.Generator` (so benchmarks and tests are
+The toy generators draw i.i.d. samples with an explicit `torch.Generator` (so benchmarks and tests are
 reproducible without touching the global seed). Their densities are standard test beds for flows
 (Grathwohl et al. 2019, FFJORD; Chen et al. 2019, Residual Flows):
 
-* :func:`two_moons`: two interleaved half circles with Gaussian noise;
-* :func:`eight_gaussians`: an equal mixture of 8 isotropic Gaussians on a circle;
-* :func:`checkerboard`: the uniform density on the 8 dark squares of a 4 × 4 board of side-2 squares on
-  :math:`[-4, 4]^2`; its support has area 32, so its differential entropy is exactly
-  :math:`\log 32` nats = 5 bits (:data:`CHECKERBOARD_ENTROPY`), the lower bound of any model's expected NLL;
-* :func:`rings`: four noisy concentric rings.
+* [`two_moons`][pyro_flows.density.data.two_moons]: two interleaved half circles with Gaussian noise;
+* [`eight_gaussians`][pyro_flows.density.data.eight_gaussians]: an equal mixture of 8 isotropic Gaussians on a circle;
+* [`checkerboard`][pyro_flows.density.data.checkerboard]: the uniform density on the 8 dark squares of a 4 × 4 board of
+  side-2 squares on $[-4, 4]^2$; its support has area 32, so its differential entropy is exactly $\log 32$ nats = 5 bits
+  (`CHECKERBOARD_ENTROPY`), the lower bound of any model's expected NLL;
+* [`rings`][pyro_flows.density.data.rings]: four noisy concentric rings.
 
-Integer data (pixel intensities, counts) has no density; :func:`dequantize` adds uniform noise,
-:math:`y = (x + u) / K` with :math:`u \sim U[0, 1)^D` and :math:`K` the number of levels, so that for any
-continuous model :math:`p`, :math:`\log P(x) \ge \mathbb{E}_u[\log p(y)] - D \log K` (Theis et al. 2016).
-:func:`bits_per_dim` turns the log-density of the scaled data into that bound in bits per dimension.
+Integer data (pixel intensities, counts) has no density; [`dequantize`][pyro_flows.density.data.dequantize] adds uniform
+noise, $y = (x + u) / K$ with $u \sim U[0, 1)^D$ and $K$ the number of levels, so that for any continuous model $p$,
+$\log P(x) \ge \mathbb{E}_u[\log p(y)] - D \log K$ (Theis et al. 2016).
+[`bits_per_dim`][pyro_flows.density.data.bits_per_dim] turns the log-density of the scaled data into that bound in bits
+per dimension.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = [
     "two_moons",
 ]
 
-#: Differential entropy of :func:`checkerboard` in nats (:math:`\log 32`; 5 bits).
+#: Differential entropy of `checkerboard` in nats ($\log 32$; 5 bits).
 CHECKERBOARD_ENTROPY = math.log(32.0)
 
 
@@ -45,10 +46,10 @@ def _check_n(n: int) -> None:
 
 
 def two_moons(n: int, noise: float = 0.1, generator: torch.Generator | None = None) -> Tensor:
-    r"""Sample the two-moons density: half circles :math:`(\cos t, \sin t)` and :math:`(1 - \cos t, 0.5 - \sin t)`.
+    r"""Sample the two-moons density: half circles $(\cos t, \sin t)$ and $(1 - \cos t, 0.5 - \sin t)$.
 
-    :math:`t \sim U[0, \pi]`, each moon with probability 1/2, plus :math:`N(0, \mathrm{noise}^2 I)`; the result is
-    centred (shifted by :math:`(-0.5, -0.25)`) and scaled by 2.
+    $t \sim U[0, \pi]$, each moon with probability 1/2, plus $N(0, \mathrm{noise}^2 I)$; the result is
+    centred (shifted by $(-0.5, -0.25)$) and scaled by 2.
 
     Args:
         n: number of samples.
@@ -58,7 +59,7 @@ def two_moons(n: int, noise: float = 0.1, generator: torch.Generator | None = No
     Returns:
         A ``(n, 2)`` float tensor.
 
-    Example:
+    Examples:
         >>> two_moons(5, generator=torch.Generator().manual_seed(0)).shape
         torch.Size([5, 2])
 
@@ -73,18 +74,18 @@ def two_moons(n: int, noise: float = 0.1, generator: torch.Generator | None = No
 
 
 def eight_gaussians(n: int, radius: float = 2.0, std: float = 0.2, generator: torch.Generator | None = None) -> Tensor:
-    r"""Sample an equal mixture of 8 Gaussians :math:`N(r (\cos \frac{k\pi}{4}, \sin \frac{k\pi}{4}), \sigma^2 I)`.
+    r"""Sample an equal mixture of 8 Gaussians $N(r (\cos \frac{k\pi}{4}, \sin \frac{k\pi}{4}), \sigma^2 I)$.
 
     Args:
         n: number of samples.
-        radius: radius :math:`r` of the circle of means.
-        std: standard deviation :math:`\sigma` of each component.
+        radius: radius $r$ of the circle of means.
+        std: standard deviation $\sigma$ of each component.
         generator: random generator.
 
     Returns:
         A ``(n, 2)`` float tensor.
 
-    Example:
+    Examples:
         >>> eight_gaussians(4, generator=torch.Generator().manual_seed(0)).shape
         torch.Size([4, 2])
 
@@ -97,11 +98,11 @@ def eight_gaussians(n: int, radius: float = 2.0, std: float = 0.2, generator: to
 
 
 def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
-    r"""Sample the uniform density on the dark squares of a checkerboard on :math:`[-4, 4]^2`.
+    r"""Sample the uniform density on the dark squares of a checkerboard on $[-4, 4]^2$.
 
-    The board has 4 × 4 squares of side 2; square :math:`(i, j)` (column, row, from 0) is dark when
-    :math:`i + j` is even. The density is :math:`1/32` on the 8 dark squares, so its entropy is
-    :data:`CHECKERBOARD_ENTROPY` :math:`= \log 32` nats (5 bits).
+    The board has 4 × 4 squares of side 2; square $(i, j)$ (column, row, from 0) is dark when
+    $i + j$ is even. The density is $1/32$ on the 8 dark squares, so its entropy is
+    `CHECKERBOARD_ENTROPY` $= \log 32$ nats (5 bits).
 
     Args:
         n: number of samples.
@@ -110,7 +111,7 @@ def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
     Returns:
         A ``(n, 2)`` float tensor.
 
-    Example:
+    Examples:
         >>> x = checkerboard(1000, generator=torch.Generator().manual_seed(0))
         >>> bool(((x.div(2).floor() + 2).sum(-1) % 2 == 0).all())
         True
@@ -126,21 +127,21 @@ def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
 def rings(
     n: int, radii: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), std: float = 0.08, generator: torch.Generator | None = None
 ) -> Tensor:
-    r"""Sample noisy concentric rings: a radius :math:`r_k` chosen with probability :math:`\propto r_k`.
+    r"""Sample noisy concentric rings: a radius $r_k$ chosen with probability $\propto r_k$.
 
-    A point is :math:`r_k (\cos t, \sin t) + N(0, \sigma^2 I)` with :math:`t \sim U[0, 2\pi)`, so the density along
+    A point is $r_k (\cos t, \sin t) + N(0, \sigma^2 I)$ with $t \sim U[0, 2\pi)$, so the density along
     each ring is uniform per unit length.
 
     Args:
         n: number of samples.
         radii: the ring radii.
-        std: standard deviation :math:`\sigma` of the noise.
+        std: standard deviation $\sigma$ of the noise.
         generator: random generator.
 
     Returns:
         A ``(n, 2)`` float tensor.
 
-    Example:
+    Examples:
         >>> rings(3, generator=torch.Generator().manual_seed(0)).shape
         torch.Size([3, 2])
 
@@ -166,16 +167,16 @@ TOY_DATASETS = {
 def dequantize(
     x: Tensor, num_levels: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
 ) -> Tensor:
-    r"""Uniformly dequantize integer data in :math:`\{0, …, K-1\}` to :math:`y = (x + u) / K \in [0, 1)`.
+    r"""Uniformly dequantize integer data in $\{0, …, K-1\}$ to $y = (x + u) / K \in [0, 1)$.
 
-    A continuous density :math:`p` of :math:`y` gives the discrete model
-    :math:`P(x) = \int_{[0,1)^D} p((x + u)/K)\, K^{-D} du`, and by Jensen
-    :math:`\log P(x) \ge \mathbb{E}_u[\log p(y)] - D \log K`; see :func:`bits_per_dim`.
+    A continuous density $p$ of $y$ gives the discrete model
+    $P(x) = \int_{[0,1)^D} p((x + u)/K)\, K^{-D} du$, and by Jensen
+    $\log P(x) \ge \mathbb{E}_u[\log p(y)] - D \log K$; see [`bits_per_dim`][pyro_flows.density.data.bits_per_dim].
 
     Args:
         x: integer-valued tensor (any integer or floating dtype holding integers) with values in ``[0, num_levels)``.
-        num_levels: number of levels :math:`K` (e.g. 256 for 8-bit images, 17 for scikit-learn's digits).
-        generator: random generator of the noise :math:`u`.
+        num_levels: number of levels $K$ (e.g. 256 for 8-bit images, 17 for scikit-learn's digits).
+        generator: random generator of the noise $u$.
         dtype: floating dtype of the result (default: torch's default dtype).
 
     Returns:
@@ -184,7 +185,7 @@ def dequantize(
     Raises:
         ValueError: ``num_levels < 2``, or ``x`` has non-integer values or values outside ``[0, num_levels)``.
 
-    Example:
+    Examples:
         >>> y = dequantize(torch.tensor([[0, 16]]), num_levels=17, generator=torch.Generator().manual_seed(0))
         >>> bool(((y * 17).floor() == torch.tensor([[0.0, 16.0]])).all())
         True
@@ -208,16 +209,16 @@ def dequantize(
 def bits_per_dim(log_prob: Tensor | float, dim: int, num_levels: int | None = None) -> Tensor | float:
     r"""Convert a log-density (nats) into the negative log-likelihood in bits per dimension.
 
-    With ``num_levels`` :math:`K`, ``log_prob`` is taken to be :math:`\log p(y)` of data dequantized and scaled by
-    :func:`dequantize`, and the result is :math:`-(\log p(y) - D \log K) / (D \log 2)`, an upper bound of the
-    discrete model's bits/dim. Without it, :math:`-\log p / (D \log 2)`.
+    With ``num_levels`` $K$, ``log_prob`` is taken to be $\log p(y)$ of data dequantized and scaled by
+    [`dequantize`][pyro_flows.density.data.dequantize], and the result is $-(\log p(y) - D \log K) / (D \log 2)$, an
+    upper bound of the discrete model's bits/dim. Without it, $-\log p / (D \log 2)$.
 
     Args:
         log_prob: log-density of one event (or a tensor of them) in nats.
-        dim: number of dimensions :math:`D` of one event.
-        num_levels: number of quantization levels :math:`K`, or ``None`` for continuous data.
+        dim: number of dimensions $D$ of one event.
+        num_levels: number of quantization levels $K$, or ``None`` for continuous data.
 
-    Example:
+    Examples:
         >>> round(bits_per_dim(0.0, dim=64, num_levels=256), 6)
         8.0
 

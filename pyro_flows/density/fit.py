@@ -1,57 +1,60 @@
-"""Maximum-likelihood fitting of a :class:`~pyro_flows.density.FlowDensity`: :func:`fit_density`.
+"""Maximum-likelihood fitting of a `FlowDensity`: `fit_density`.
 
 The data handling lives here (validation split, standardization statistics, shuffled minibatches); the
-optimization is the package's one loop, :func:`pyro_flows.training.train`.
+optimization is the package's one loop, [`pyro_flows.training.train`][pyro_flows.training.train].
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from pyro_flows.training import LRSchedule, check_options, train
+from pyro_flows._validation import check_size
+from pyro_flows.training import TrainOptions, TrainResult, check_options, train
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from pyro_flows.density.flow_density import ArrayLike, FlowDensity
 
 __all__ = ["FitHistory", "fit_density"]
 
 logger = logging.getLogger(__name__)
 
-#: Rows per batch when a data set is scored without gradients (validation, :meth:`FlowDensity.evaluate`).
+#: Rows per batch when a data set is scored without gradients (validation, `FlowDensity.evaluate`).
 EVAL_BATCH = 8192
 
 
-@dataclass
-class FitHistory:
-    """Per-epoch record of :func:`fit_density` (NLLs are mean nats per data point, data units).
+class FitHistory(TrainResult):
+    """Per-epoch record of `fit_density`: the training loop's `TrainResult`, read as NLLs (nats per point).
+
+    The NLLs are means over data points, in the units of the data.
 
     Attributes:
-        train_nll: mean training NLL of each epoch (averaged over its minibatches, weights changing).
-        val_nll: validation NLL after each epoch (empty when no validation data was used).
-        lr: learning rate used in each epoch.
+        train_nll: mean training NLL of each epoch (averaged over its minibatches, weights changing): ``losses``.
+        val_nll: validation NLL after each epoch (empty when no validation data was used): ``val_losses``.
+        lr: learning rate used in each epoch: ``lrs``.
         best_epoch: epoch (0-based) whose weights were restored, ``None`` without validation.
         stopped_early: whether training stopped because ``patience`` epochs passed without improvement.
+        steps: number of optimizer steps taken.
         seconds: wall time of the fit.
 
     Examples:
-        >>> history = FitHistory(train_nll=[2.0, 1.5], val_nll=[2.1, 1.7], best_epoch=1)
-        >>> history.epochs, history.best_val_nll
-        (2, 1.7)
+        >>> history = FitHistory(losses=[2.0, 1.5], val_losses=[2.1, 1.7], best_epoch=1)
+        >>> history.epochs, history.best_val_nll, history.train_nll
+        (2, 1.7, [2.0, 1.5])
 
     """
 
-    train_nll: list[float] = field(default_factory=list)
-    val_nll: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    best_epoch: int | None = None
-    stopped_early: bool = False
-    seconds: float = 0.0
+    train_nll = property(attrgetter("losses"), doc="Mean training NLL of each epoch (averaged over its minibatches).")
+    val_nll = property(attrgetter("val_losses"), doc="Validation NLL after each epoch (empty without validation).")
+    lr = property(attrgetter("lrs"), doc="Learning rate used in each epoch.")
 
     @property
     def epochs(self) -> int:
@@ -76,14 +79,11 @@ class FitHistory:
             ImportError: matplotlib is not installed.
 
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("FitHistory.plot needs matplotlib: pip install 'pyro-flows[examples]'") from error
+        import matplotlib.pyplot as plt
+
         if ax is None:
             _, ax = plt.subplots(figsize=(5, 3.5))
-        epochs = range(1, self.epochs + 1)
-        ax.plot(epochs, self.train_nll, label="train")
+        ax.plot(range(1, self.epochs + 1), self.train_nll, label="train")
         if self.val_nll:
             ax.plot(range(1, len(self.val_nll) + 1), self.val_nll, label="validation")
         if self.best_epoch is not None:
@@ -94,43 +94,30 @@ class FitHistory:
         return ax
 
 
-def _check_fit_options(batch_size: Any, validation_fraction: Any) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(validation_fraction, bool) or not isinstance(validation_fraction, int | float):
-        raise ValueError(f"validation_fraction must be a number in [0, 1), got {validation_fraction!r}")
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
-
-
 def fit_density(
     density: FlowDensity,
     x: ArrayLike,
     context: ArrayLike | None = None,
     *,
-    epochs: int = 100,
-    max_steps: int | None = None,
     batch_size: int = 256,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
     validation_fraction: float = 0.1,
     validation_data: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
-    patience: int | None = 20,
-    lr_schedule: LRSchedule = None,
-    grad_clip: float | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
     seed: int | None = None,
+    **options: Unpack[TrainOptions],
 ) -> FitHistory:
     """Fit ``density`` by maximum likelihood: minibatch Adam(W), validation NLL each epoch, early stopping.
 
     The validation set is ``validation_data`` if given, else a random ``validation_fraction`` of ``x`` held out
     (rows drawn with ``seed``). Standardization statistics come from the training rows at the first fit and stay
     fixed afterwards. After training the weights of the epoch with the best validation NLL are restored
-    (:attr:`FitHistory.best_epoch`). The options are checked before anything is changed.
+    (`FitHistory.best_epoch`). The options are checked before anything is changed. The options of the training
+    loop (`epochs`, `max_steps`, `lr`, `weight_decay`, `patience`, `lr_schedule`, `grad_clip`: the keys of
+    `pyro_flows.training.TrainOptions`) go to `pyro_flows.training.train`, with the defaults below.
 
     Args:
-        density: the :class:`~pyro_flows.density.FlowDensity` to train (in place).
+        density: the [`FlowDensity`][pyro_flows.density.flow_density.FlowDensity] to train (in place).
         x: ``(n, dim)`` data (tensor or array).
         context: ``(n, context_dim)`` contexts of a conditional density.
         epochs: maximum number of passes over the training rows.
@@ -151,7 +138,7 @@ def fit_density(
         seed: seed of the validation split and of the minibatch order (``None``: torch's global generator).
 
     Returns:
-        The :class:`FitHistory`.
+        The [`FitHistory`][pyro_flows.density.fit.FitHistory].
 
     Raises:
         ValueError: a bad option (named in the message), non-finite values (the message names the rows), wrong
@@ -172,79 +159,44 @@ def fit_density(
         ValueError: patience must be a positive integer or None, got 0
 
     """
-    check_options(
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        patience=patience,
-        lr_schedule=lr_schedule,
-    )
-    _check_fit_options(batch_size, validation_fraction)
+    options = {"epochs": 100, "patience": 20, **options}
+    check_options(**options)
+    check_size(batch_size, "batch_size")
+    fraction = validation_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+        raise ValueError(f"validation_fraction must be a number in [0, 1), got {fraction!r}")
     if device is not None:
         density.to(device)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     x_train, c_train = density._prepare(x, context, "x")
-    x_val: Tensor | None = None
-    c_val: Tensor | None = None
+    x_val = c_val = None
     if validation_data is not None:
-        val_x, val_c = validation_data if isinstance(validation_data, tuple) else (validation_data, None)
-        x_val, c_val = density._prepare(val_x, val_c, "validation_data")
-    elif validation_fraction > 0 and len(x_train) >= 2:
+        val = validation_data if isinstance(validation_data, tuple) else (validation_data, None)
+        x_val, c_val = density._prepare(*val, "validation_data")
+    elif fraction > 0 and len(x_train) >= 2:
         order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
-        n_val = min(max(1, round(validation_fraction * len(x_train))), len(x_train) - 1)
+        n_val = min(max(1, round(fraction * len(x_train))), len(x_train) - 1)
         held, kept = order[:n_val], order[n_val:]
         x_val, x_train = x_train[held], x_train[kept]
-        if c_train is not None:
-            c_val, c_train = c_train[held], c_train[kept]
+        c_val, c_train = (None, None) if c_train is None else (c_train[held], c_train[kept])
     if density.standardize and not bool(density.standardized):
         density._set_standardization(x_train, c_train)
 
     def batches(epoch: int) -> Iterator[Tensor]:
-        order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
-        return iter(order.split(batch_size))
+        return iter(torch.randperm(len(x_train), generator=generator).to(x_train.device).split(batch_size))
 
     def step(index: Tensor) -> Tensor:
         return -density.log_prob(x_train[index], None if c_train is None else c_train[index]).mean()
 
-    def validate() -> float:
-        return density._mean_nll(x_val, c_val, EVAL_BATCH)
-
+    validate = None if x_val is None else partial(density._mean_nll, x_val, c_val, EVAL_BATCH)
     density.train()
     try:
         result = train(
-            step,
-            density.parameters(),
-            epochs=epochs,
-            batches=batches,
-            max_steps=max_steps,
-            lr=lr,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            lr_schedule=lr_schedule,
-            validate=validate if x_val is not None else None,
-            patience=patience,
-            progress=progress,
-            desc="fit",
+            step, density.parameters(), batches=batches, validate=validate, progress=progress, desc="fit", **options
         )
     finally:
         density.eval()
         density.clear_cache()
-    history = FitHistory(
-        train_nll=result.losses,
-        val_nll=result.val_losses,
-        lr=result.lrs,
-        best_epoch=result.best_epoch,
-        stopped_early=result.stopped_early,
-        seconds=result.seconds,
-    )
-    logger.info(
-        "fit: %d epochs (%s), best validation NLL %s at epoch %s, %.1f s",
-        history.epochs,
-        "stopped early" if history.stopped_early else "all epochs",
-        f"{history.best_val_nll:.4f}" if history.best_val_nll is not None else "n/a",
-        history.best_epoch,
-        history.seconds,
-    )
+    history = FitHistory(**vars(result))
+    logger.info("fit: %d epochs, best validation NLL %s", history.epochs, history.best_val_nll)
     return history

@@ -1,13 +1,19 @@
 r"""Bayesian-workflow diagnostics for any Pyro guide: ArviZ export, PSIS k̂, importance resampling, reference checks.
 
-* :func:`to_inference_data` — a fitted guide as :class:`arviz.InferenceData` (posterior, posterior predictive,
-  pointwise log-likelihood, observed data), ready for ``az.summary``, ``az.plot_pair`` and ``az.loo``;
-* :func:`psis_khat` — the Pareto :math:`\hat k` of Yao et al. (2018), "Yes, but did it work?";
-* :func:`importance_resample` — the PSIS-corrected posterior as InferenceData;
-* :func:`compare_to_reference` — mean error in reference sds and sd ratio per parameter against NUTS or
-  posteriordb draws (:func:`read_posteriordb_draws`);
-* :func:`iwae_bound` — importance-weighted log-likelihood bounds for amortized (VAE) guides;
-* :func:`fit_svi` / :class:`ELBOTrace` / :func:`plot_elbo` — SVI with a recorded ELBO trace, plotted in one call.
+* [`to_inference_data`][pyro_flows.diagnostics.arviz.to_inference_data] — a fitted guide as `arviz.InferenceData`
+  (posterior, posterior predictive, pointwise log-likelihood, observed data), ready for ``az.summary``, ``az.plot_pair``
+  and ``az.loo``;
+* [`psis_khat`][pyro_flows.diagnostics.psis.psis_khat] — the Pareto $\hat k$ of Yao et al. (2018), "Yes, but did it
+  work?";
+* [`importance_resample`][pyro_flows.diagnostics.psis.importance_resample] — the PSIS-corrected posterior as
+  InferenceData;
+* [`compare_to_reference`][pyro_flows.diagnostics.reference.compare_to_reference] — mean error in reference sds and sd
+  ratio per parameter against NUTS or posteriordb draws
+  ([`read_posteriordb_draws`][pyro_flows.diagnostics.reference.read_posteriordb_draws]);
+* [`iwae_bound`][pyro_flows.diagnostics.iwae.iwae_bound] — importance-weighted log-likelihood bounds for amortized (VAE)
+  guides;
+* [`fit_svi`][pyro_flows.diagnostics.elbo.fit_svi] / [`ELBOTrace`][pyro_flows.diagnostics.elbo.ELBOTrace] /
+  [`plot_elbo`][pyro_flows.diagnostics.elbo.plot_elbo] — SVI with a recorded ELBO trace, plotted in one call.
 
 Importing this package imports ArviZ (and silences ArviZ's import-time ``FutureWarning`` for that import only).
 """

@@ -2,7 +2,7 @@
 
 One trace of the guide, replayed through the model, tells the kind, shape and plates of every site. The
 diagnostics assume a static model structure (the same sites with the same shapes on every run), as
-:class:`pyro.infer.Predictive` and :func:`pyro.infer.importance.psis_diagnostic` do.
+`pyro.infer.Predictive` and `pyro.infer.importance.psis_diagnostic` do.
 """
 
 from __future__ import annotations
@@ -42,14 +42,53 @@ class SiteInfo:
 
 @dataclass
 class ModelSites:
-    """Every sample/deterministic site of a model, in trace order, and the model's plate nesting."""
+    """Every sample/deterministic site of a model, in trace order, and the model's plate nesting.
+
+    Attributes:
+        sites: the sites by name.
+        max_plate_nesting: the number of plate dimensions of the model.
+        subsampled: ``{plate name: (subsample size, full size)}`` of the plates that subsample.
+        enumerated: the sample sites of the model or the guide marked ``infer={"enumerate": ...}``.
+
+    """
 
     sites: dict[str, SiteInfo] = field(default_factory=dict)
     max_plate_nesting: int = 0
+    subsampled: dict[str, tuple[int, int]] = field(default_factory=dict)
+    enumerated: list[str] = field(default_factory=list)
 
     def names(self, kind: str) -> list[str]:
         """Names of the sites of one kind, in trace order."""
         return [name for name, site in self.sites.items() if site.kind == kind]
+
+    def require_full_data(self, what: str) -> None:
+        """Refuse a model whose plates subsample: ``what`` would see the subsample as the data.
+
+        Raises:
+            ValueError: naming the first subsampling plate.
+
+        """
+        if self.subsampled:
+            plate, (size, full_size) = next(iter(self.subsampled.items()))
+            raise ValueError(
+                f"{what} needs the full data, but the plate {plate!r} subsamples {size} of {full_size} points: the "
+                "subsample would be exported as the observed data. Pass the full data to a model whose plate does "
+                "not subsample (no subsample_size or subsample)"
+            )
+
+    def refuse_enumeration(self, what: str) -> None:
+        """Refuse enumerated discrete sites: importance weights need every latent site drawn by the guide.
+
+        Raises:
+            ValueError: naming the enumerated sites.
+
+        """
+        if self.enumerated:
+            raise ValueError(
+                f"{what} cannot weigh a model with enumerated discrete sites {self.enumerated} "
+                "(infer={'enumerate': ...}): its importance weights need every latent site drawn by the guide. Draw "
+                "them in the guide, or sum them out in the model by hand"
+            )
 
 
 def _axis_names(name: str, shape: torch.Size, event_dim: int, frames: list[Any]) -> list[str]:
@@ -84,12 +123,21 @@ def inspect_model(
     """
     with poutine.block(), torch.no_grad():
         if guide is None:
+            guide_trace = None
             model_trace = poutine.trace(InitMessenger(init_to_feasible)(model)).get_trace(*args, **kwargs)
         else:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     model_trace = prune_subsample_sites(model_trace)
     info = ModelSites()
+    for trace in (model_trace, guide_trace) if guide_trace is not None else (model_trace,):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and site["infer"].get("enumerate") and name not in info.enumerated:
+                info.enumerated.append(name)
+    for site in model_trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.full_size not in (None, frame.size):
+                info.subsampled[frame.name] = (frame.size, frame.full_size)
     nesting = 0
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["infer"].get("_do_not_trace"):

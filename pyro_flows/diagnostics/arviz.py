@@ -1,10 +1,10 @@
-"""Export a fitted Pyro guide (any guide: flow, ``AutoNormal``, hand-written) to :class:`arviz.InferenceData`.
+"""Export a fitted Pyro guide (any guide: flow, ``AutoNormal``, hand-written) to `arviz.InferenceData`.
 
 Posterior draws are the guide's draws replayed through the model (so constrained values and ``pyro.deterministic``
-sites are recorded); posterior-predictive draws come from :class:`pyro.infer.Predictive` on the model with its
-observations released (:func:`pyro.poutine.uncondition`); pointwise log-likelihoods from the model's observed
+sites are recorded); posterior-predictive draws come from `pyro.infer.Predictive` on the model with its
+observations released (`pyro.poutine.uncondition`); pointwise log-likelihoods from the model's observed
 sites conditioned on each draw (``Predictive.get_vectorized_trace``). The groups are assembled by ArviZ's own
-converters (:func:`arviz.from_dict`, :func:`arviz.dict_to_dataset`), so the result works with ``az.summary``,
+converters (`arviz.from_dict`, `arviz.dict_to_dataset`), so the result works with ``az.summary``,
 ``az.plot_pair``, ``az.loo`` and the rest of ArviZ.
 """
 
@@ -56,7 +56,7 @@ def _reshape_draws(samples: Mapping[str, Tensor], sites: ModelSites, num_samples
 
 
 def _pad_draws(draws: Mapping[str, Tensor], sites: ModelSites, parallel: bool) -> dict[str, Tensor]:
-    """Draws as :class:`~pyro.infer.Predictive` expects them: ``(N, 1, ..., *site_shape)`` when vectorized.
+    """Draws as `Predictive` expects them: ``(N, 1, ..., *site_shape)`` when vectorized.
 
     In a vectorized run the draw axis is a plate left of all the model's plates, so each site's batch part is
     padded with singleton axes up to the model's plate nesting (``Predictive`` cannot tell batch from event axes).
@@ -83,7 +83,7 @@ def _guide_draws(
     """Guide draws of the latent sites, replayed through the model for the deterministic sites.
 
     Vectorized, the guide and the model run once inside a plate of ``num_samples`` draws left of the model's
-    plates (:class:`~pyro.infer.Predictive` with a guide would lose the plate padding of sites with event
+    plates (`Predictive` with a guide would lose the plate padding of sites with event
     dimensions when the guide has fewer plates than the model); sequentially, once per draw.
     """
     names = sites.names("latent") + sites.names("deterministic")
@@ -147,7 +147,7 @@ def _log_likelihood(
 
 
 class _UnconditionObserved(UnconditionMessenger):
-    """:func:`pyro.poutine.uncondition` that leaves ``pyro.deterministic`` sites alone.
+    """`pyro.poutine.uncondition` that leaves ``pyro.deterministic`` sites alone.
 
     (Pyro's messenger would re-sample their ``Delta`` inside plates and broadcast it against itself.)
     """
@@ -200,10 +200,11 @@ def samples_to_inference_data(
     dims: Mapping[str, list[str]] | None = None,
     **kwargs: Any,
 ) -> az.InferenceData:
-    """Build :class:`arviz.InferenceData` from draws of a model's latent sites (one chain).
+    """Build `arviz.InferenceData` from draws of a model's latent sites (one chain).
 
-    This is the second half of :func:`to_inference_data`, for draws that come from elsewhere (e.g. the
-    PSIS-resampled draws of :func:`~pyro_flows.diagnostics.importance_resample`, or ``MCMC.get_samples()``).
+    This is the second half of [`to_inference_data`][pyro_flows.diagnostics.arviz.to_inference_data], for draws that
+    come from elsewhere (e.g. the PSIS-resampled draws of
+    [`importance_resample`][pyro_flows.diagnostics.psis.importance_resample], or ``MCMC.get_samples()``).
 
     Args:
         model: the Pyro model.
@@ -227,6 +228,7 @@ def samples_to_inference_data(
 
     """
     sites = inspect_model(model, None, args, kwargs)
+    sites.require_full_data("samples_to_inference_data")
     latent = sites.names("latent")
     missing = [n for n in latent if n not in samples]
     if missing:
@@ -253,18 +255,7 @@ def samples_to_inference_data(
                 _reshape_draws(_try_parallel(recompute, parallel, "deterministic sites"), sites, num_samples)
             )
     return _assemble(
-        model,
-        sites,
-        posterior,
-        latents,
-        num_samples,
-        posterior_predictive,
-        log_likelihood,
-        parallel,
-        coords,
-        dims,
-        args,
-        kwargs,
+        model, sites, posterior, args, kwargs, posterior_predictive, log_likelihood, parallel, coords, dims
     )
 
 
@@ -272,16 +263,17 @@ def _assemble(
     model: Callable[..., Any],
     sites: ModelSites,
     posterior: Mapping[str, Tensor],
-    latents: Mapping[str, Tensor],
-    num_samples: int,
-    posterior_predictive: bool,
-    log_likelihood: bool,
-    parallel: bool | None,
-    coords: Mapping[str, Any] | None,
-    dims: Mapping[str, list[str]] | None,
     args: tuple,
     kwargs: Mapping[str, Any],
+    posterior_predictive: bool = True,
+    log_likelihood: bool = True,
+    parallel: bool | None = None,
+    coords: Mapping[str, Any] | None = None,
+    dims: Mapping[str, list[str]] | None = None,
 ) -> az.InferenceData:
+    """The InferenceData of posterior draws ``(num_samples, *site_shape)`` of every latent (and deterministic) site."""
+    latents = {name: posterior[name] for name in sites.names("latent")}
+    num_samples = len(next(iter(latents.values())))
     observed = sites.names("observed")
     all_dims = {name: list(site.dims) for name, site in sites.sites.items()}
     all_dims.update(dict(dims or {}))
@@ -316,7 +308,7 @@ def to_inference_data(
     dims: Mapping[str, list[str]] | None = None,
     **kwargs: Any,
 ) -> az.InferenceData:
-    r"""Draw from a fitted guide and return an :class:`arviz.InferenceData` (one chain).
+    r"""Draw from a fitted guide and return an `arviz.InferenceData` (one chain).
 
     Groups:
 
@@ -324,11 +316,11 @@ def to_inference_data(
       ``(chain=1, draw=num_samples, *site_shape)``; axes inside a ``pyro.plate`` are named after the plate,
       other axes ``<site>_dim_<i>``;
     * ``posterior_predictive``: fresh draws of every observed site given each posterior draw;
-    * ``log_likelihood``: :math:`\log p(y_i \mid \theta^{(s)})` per observed site, pointwise over its batch
+    * ``log_likelihood``: $\log p(y_i \mid \theta^{(s)})$ per observed site, pointwise over its batch
       (plate) axes, as ``az.loo``/``az.waic`` expect;
     * ``observed_data``: the observed values.
 
-    Works with any guide that :class:`pyro.infer.Predictive` accepts (flow guides, ``AutoNormal``,
+    Works with any guide that `pyro.infer.Predictive` accepts (flow guides, ``AutoNormal``,
     ``AutoMultivariateNormal``, hand-written guides). The model must have a static structure; subsampled
     plates are not supported (pass the full data).
 
@@ -348,7 +340,7 @@ def to_inference_data(
     Returns:
         The InferenceData.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro.infer.autoguide import AutoNormal
         >>> def model(y):
@@ -368,21 +360,10 @@ def to_inference_data(
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     sites = inspect_model(model, guide, args, kwargs)
+    sites.require_full_data("to_inference_data")
     posterior = _guide_draws(model, guide, sites, num_samples, parallel, args, kwargs)
-    latents = {n: posterior[n] for n in sites.names("latent")}
     idata = _assemble(
-        model,
-        sites,
-        posterior,
-        latents,
-        num_samples,
-        posterior_predictive,
-        log_likelihood,
-        parallel,
-        coords,
-        dims,
-        args,
-        kwargs,
+        model, sites, posterior, args, kwargs, posterior_predictive, log_likelihood, parallel, coords, dims
     )
     idata.posterior.attrs["guide"] = type(guide).__name__
     return idata

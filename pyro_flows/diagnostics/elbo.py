@@ -56,7 +56,7 @@ class ELBOTrace:
         return float(np.mean(self.elbo[-last:]))
 
     def plot(self, ax: Any = None, label: str | None = None, window: int | None = None) -> Any:
-        """Plot the trace; see :func:`plot_elbo`."""
+        """Plot the trace; see [`plot_elbo`][pyro_flows.diagnostics.elbo.plot_elbo]."""
         return plot_elbo(self, ax=ax, label=label, window=window)
 
 
@@ -95,11 +95,11 @@ def fit_svi(
 ) -> ELBOTrace:
     """Run ``num_steps`` of SVI on ``(model, guide)`` and return the ELBO trace.
 
-    The steps run in the package's one training loop (:func:`pyro_flows.training.train`): each minimizes
-    ``loss.differentiable_loss(model, guide, *args, **kwargs)`` over the parameters that the first evaluation of
-    the loss registers in Pyro's parameter store. A non-finite loss or gradient stops the run with a
-    ``FloatingPointError`` naming the step; the parameters are left at their last finite values (those of the last
-    step whose loss and gradient were finite).
+    The steps run in the package's one training loop ([`pyro_flows.training.train`][pyro_flows.training.train]): each
+    minimizes ``loss.differentiable_loss(model, guide, *args, **kwargs)`` over the parameters that the first evaluation
+    of the loss registers in Pyro's parameter store. A non-finite loss or gradient stops the run with a
+    ``FloatingPointError`` naming the step; the parameters are left at their last finite values (those of the last step
+    whose loss and gradient were finite).
 
     Args:
         model: the Pyro model.
@@ -178,7 +178,7 @@ def plot_elbo(
     """Plot an ELBO trace (raw estimates faint, running mean solid) on a matplotlib axis.
 
     Args:
-        trace: an :class:`ELBOTrace`, or a sequence of per-step ELBO values.
+        trace: an [`ELBOTrace`][pyro_flows.diagnostics.elbo.ELBOTrace], or a sequence of per-step ELBO values.
         ax: the axis to draw on (default: a new figure).
         label: legend label of the running mean.
         window: running-mean window (default: 2 % of the run).

@@ -1,16 +1,18 @@
 r"""Importance-weighted estimates of per-datapoint log-likelihoods (the NLL of the VAE papers).
 
-For a model with local latents :math:`p(x_n, z_n)` and a guide :math:`q(z_n | x_n)`, the log importance weights
-:math:`\log w_k = \log p(x_n, z_k) - \log q(z_k | x_n)`, :math:`z_k \sim q(\cdot | x_n)`, give
+For a model with local latents $p(x_n, z_n)$ and a guide $q(z_n | x_n)$, the log importance weights
+$\log w_k = \log p(x_n, z_k) - \log q(z_k | x_n)$, $z_k \sim q(\cdot | x_n)$, give
 
-* the ELBO estimate :math:`\frac1K \sum_k \log w_k`, and
+* the ELBO estimate $\frac1K \sum_k \log w_k$, and
 * the importance-weighted bound (Burda et al. 2016, "Importance Weighted Autoencoders")
 
-  .. math:: \mathcal{L}_K(x) = \log \frac1K \sum_{k=1}^K w_k \le \log p(x),
+    $$
+    \mathcal{L}_K(x) = \log \frac1K \sum_{k=1}^K w_k \le \log p(x),
+    $$
 
-  with :math:`\mathbb{E}\,\mathcal{L}_1 = \mathrm{ELBO} \le \mathbb{E}\,\mathcal{L}_K \le \mathbb{E}\,\mathcal{L}_{K+1}`
-  and :math:`\mathcal{L}_K \to \log p(x)` as :math:`K \to \infty`; it equals :math:`\log p(x)` for every sample when
-  :math:`q` is the exact posterior. The VAE papers report :math:`-\mathcal{L}_{5000}` as the test NLL.
+    with $\mathbb{E}\,\mathcal{L}_1 = \mathrm{ELBO} \le \mathbb{E}\,\mathcal{L}_K \le \mathbb{E}\,\mathcal{L}_{K+1}$
+    and $\mathcal{L}_K \to \log p(x)$ as $K \to \infty$; it equals $\log p(x)$ for every sample when
+    $q$ is the exact posterior. The VAE papers report $-\mathcal{L}_{5000}$ as the test NLL.
 
 The computation is batched over data points (``batch_size``) and over samples (``particle_batch_size``): at most
 ``batch_size * particle_batch_size`` latent samples are alive at a time, and the log-mean-exp is accumulated chunk
@@ -74,14 +76,15 @@ def importance_log_weights(
     max_plate_nesting: int = 1,
     **kwargs: Any,
 ) -> Tensor:
-    r"""Log importance weights :math:`\log p(x_n, z_{kn}) - \log q(z_{kn} | x_n)` of shape ``(num_samples, B)``.
+    r"""Log importance weights $\log p(x_n, z_{kn}) - \log q(z_{kn} | x_n)$ of shape ``(num_samples, B)``.
 
-    One vectorized pass (no chunking; see :func:`iwae_bound` for the memory-bounded version). Gradients flow
-    unless the caller disables them.
+    One vectorized pass (no chunking; see [`iwae_bound`][pyro_flows.diagnostics.iwae.iwae_bound] for the memory-bounded
+    version). Gradients flow unless the caller disables them.
 
     Args:
         model: the model, called as ``model(x, *args, **kwargs)``.
-        guide: its guide (e.g. :class:`~pyro_flows.guides.amortized.AmortizedFlowGuide`), called the same way.
+        guide: its guide (e.g. [`AmortizedFlowGuide`][pyro_flows.guides.amortized.AmortizedFlowGuide]), called the same
+            way.
         x: a batch of ``B`` data points (first dimension).
         *args: further positional arguments of model and guide.
         num_samples: number K of samples per data point.
@@ -91,7 +94,7 @@ def importance_log_weights(
     Raises:
         ValueError: ``num_samples < 1``, or a site is not local to the data plate.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> def model(x):
         ...     with pyro.plate("data", len(x)):
@@ -172,7 +175,7 @@ def iwae_bound(
     max_plate_nesting: int = 1,
     **kwargs: Any,
 ) -> Tensor:
-    r"""Per-datapoint importance-weighted bound :math:`\mathcal{L}_K(x_n) \le \log p(x_n)`, shape ``(N,)``.
+    r"""Per-datapoint importance-weighted bound $\mathcal{L}_K(x_n) \le \log p(x_n)$, shape ``(N,)``.
 
     ``-iwae_bound(...).mean()`` is the test NLL of the VAE papers (``num_samples=5000``). Runs without gradients,
     ``batch_size`` data points and ``particle_batch_size`` samples at a time.
@@ -191,7 +194,7 @@ def iwae_bound(
     Raises:
         ValueError: non-positive sizes, or a sample site outside the data plate.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> def model(x):
         ...     with pyro.plate("data", len(x)):
@@ -223,7 +226,7 @@ def elbo_estimate(
     max_plate_nesting: int = 1,
     **kwargs: Any,
 ) -> Tensor:
-    r"""Per-datapoint Monte Carlo ELBO :math:`\frac1K \sum_k \log w_k`, shape ``(N,)`` (batched as :func:`iwae_bound`).
+    r"""Per-datapoint Monte Carlo ELBO $\frac1K \sum_k \log w_k$, shape ``(N,)`` (batched as `iwae_bound`).
 
     Args:
         model: the model, called as ``model(x_chunk, *args, **kwargs)``.

@@ -1,15 +1,15 @@
 r"""Pareto-smoothed importance sampling (PSIS) diagnostics of a variational approximation.
 
-With importance ratios :math:`r_s = p(x, z_s) / q(z_s)`, :math:`z_s \sim q`, Yao, Vehtari, Simpson & Gelman
+With importance ratios $r_s = p(x, z_s) / q(z_s)$, $z_s \sim q$, Yao, Vehtari, Simpson & Gelman
 (2018, "Yes, but did it work?: Evaluating variational inference") fit a generalized Pareto distribution to the
-largest ratios; its shape :math:`\hat k` says how heavy the tail of :math:`p/q` is:
+largest ratios; its shape $\hat k$ says how heavy the tail of $p/q$ is:
 
-* :math:`\hat k < 0.5`: the guide is a good approximation; PSIS estimates have finite variance;
-* :math:`0.5 \le \hat k \le 0.7`: usable, with care; importance resampling improves the estimates;
-* :math:`\hat k > 0.7`: the guide misses mass of the posterior (typically too narrow); do not trust it.
+* $\hat k < 0.5$: the guide is a good approximation; PSIS estimates have finite variance;
+* $0.5 \le \hat k \le 0.7$: usable, with care; importance resampling improves the estimates;
+* $\hat k > 0.7$: the guide misses mass of the posterior (typically too narrow); do not trust it.
 
 Both functions here require a model and guide that can be vectorized over a leading particle plate (static
-structure, every batch dimension declared by ``pyro.plate``), as :func:`pyro.infer.importance.psis_diagnostic` does.
+structure, every batch dimension declared by ``pyro.plate``), as `pyro.infer.importance.psis_diagnostic` does.
 """
 
 from __future__ import annotations
@@ -48,16 +48,16 @@ def psis_khat(
     flat_atol: float = 1e-3,
     **kwargs: Any,
 ) -> float:
-    r"""PSIS :math:`\hat k` of ``guide`` as an approximation of ``model``'s posterior (Yao et al. 2018).
+    r"""PSIS $\hat k$ of ``guide`` as an approximation of ``model``'s posterior (Yao et al. 2018).
 
-    Computed by Pyro's :func:`~pyro.infer.importance.psis_diagnostic` with the model's plate nesting
+    Computed by Pyro's `psis_diagnostic` with the model's plate nesting
     inferred from one trace.
 
     Args:
         model: the Pyro model.
         guide: the fitted guide (any Pyro guide that can be vectorized over particles).
         *args: model/guide arguments.
-        num_samples: number of importance draws (the estimate of :math:`\hat k` is noisy below ~1000).
+        num_samples: number of importance draws (the estimate of $\hat k$ is noisy below ~1000).
         max_simultaneous: draws evaluated at once (a divisor of ``num_samples``; all at once by default).
         flat_atol: if the log-ratios of a probe of 200 draws vary by less than this (nats), the ratios are constant
             to numerical precision (the guide is the posterior up to its normalizer): there is no tail to fit, and
@@ -65,9 +65,9 @@ def psis_khat(
         **kwargs: model/guide keyword arguments.
 
     Returns:
-        :math:`\hat k`; ``inf`` when a log-ratio is not finite or too few tail draws are available.
+        $\hat k$; ``inf`` when a log-ratio is not finite or too few tail draws are available.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> def model():
         ...     pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -81,6 +81,7 @@ def psis_khat(
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     sites = inspect_model(model, guide, args, kwargs)
+    sites.refuse_enumeration("psis_khat")
     with torch.no_grad():
         log_weights = vectorized_importance_weights(
             model,
@@ -119,14 +120,14 @@ def importance_resample(
 ) -> az.InferenceData:
     r"""PSIS-corrected posterior: draws of ``guide`` resampled by their Pareto-smoothed importance weights.
 
-    Draws :math:`z_1..z_S \sim q` (``S = num_proposals``), computes :math:`\log r_s = \log p(x, z_s) - \log
-    q(z_s)`, smooths the largest ratios with ArviZ's :func:`arviz.psislw` (Vehtari et al., "Pareto smoothed
+    Draws $z_1..z_S \sim q$ (``S = num_proposals``), computes $\log r_s = \log p(x, z_s) - \log
+    q(z_s)$, smooths the largest ratios with ArviZ's `arviz.psislw` (Vehtari et al., "Pareto smoothed
     importance sampling") and resamples ``num_samples`` draws with replacement in proportion to the smoothed
     weights. Expectations under the result are the PSIS estimates; they improve on the guide when
-    :math:`\hat k < 0.7`, and cannot be trusted otherwise (a warning is logged). The returned InferenceData has
-    the groups of :func:`~pyro_flows.diagnostics.to_inference_data`; ``idata.attrs`` holds ``khat`` (ArviZ's
-    estimate from these ``S`` draws) and ``ess`` (the effective sample size of the smoothed weights,
-    :math:`1/\sum_s w_s^2`).
+    $\hat k < 0.7$, and cannot be trusted otherwise (a warning is logged). The returned InferenceData has
+    the groups of [`to_inference_data`][pyro_flows.diagnostics.arviz.to_inference_data]; ``idata.attrs`` holds ``khat``
+    (ArviZ's estimate from these ``S`` draws) and ``ess`` (the effective sample size of the smoothed weights, $1/\sum_s
+    w_s^2$).
 
     Args:
         model: the Pyro model.
@@ -141,7 +142,7 @@ def importance_resample(
     Returns:
         The resampled posterior as InferenceData.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist, torch
         >>> def model():
         ...     pyro.sample("z", dist.Normal(1.0, 1.0))
@@ -157,6 +158,8 @@ def importance_resample(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     num_proposals = num_proposals or max(4 * num_samples, 1000)
     sites = inspect_model(model, guide, args, kwargs)
+    sites.refuse_enumeration("importance_resample")
+    sites.require_full_data("importance_resample")
     names = sites.names("latent") + sites.names("deterministic")
     with torch.no_grad():
         log_weights, model_trace, _ = vectorized_importance_weights(
@@ -182,21 +185,7 @@ def importance_resample(
     probs = torch.as_tensor(weights, dtype=torch.float64)
     index = torch.multinomial(probs, num_samples, replacement=True)
     posterior = {n: v[index.to(v.device)] for n, v in draws.items()}
-    latents = {n: posterior[n] for n in sites.names("latent")}
-    idata = _assemble(
-        model,
-        sites,
-        posterior,
-        latents,
-        num_samples,
-        posterior_predictive,
-        log_likelihood,
-        None,
-        None,
-        None,
-        args,
-        kwargs,
-    )
+    idata = _assemble(model, sites, posterior, args, kwargs, posterior_predictive, log_likelihood)
     idata.attrs["khat"] = khat
     idata.attrs["ess"] = ess
     idata.attrs["num_proposals"] = num_proposals

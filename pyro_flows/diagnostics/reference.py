@@ -1,8 +1,8 @@
 r"""Compare an approximate posterior with reference draws (NUTS, posteriordb) parameter by parameter.
 
-For every scalar parameter :math:`\theta_j` the table reports the standardized mean error
-:math:`(\bar\theta_j - \bar\theta_j^{\rm ref}) / {\rm sd}_j^{\rm ref}` and the sd ratio
-:math:`{\rm sd}_j / {\rm sd}_j^{\rm ref}`. A good approximation has ``|mean_error| < 0.1`` and
+For every scalar parameter $\theta_j$ the table reports the standardized mean error
+$(\bar\theta_j - \bar\theta_j^{\rm ref}) / {\rm sd}_j^{\rm ref}$ and the sd ratio
+${\rm sd}_j / {\rm sd}_j^{\rm ref}$. A good approximation has ``|mean_error| < 0.1`` and
 ``|sd_ratio - 1| < 0.1`` (the posteriordb convention of comparing constrained-space summaries).
 """
 
@@ -105,11 +105,12 @@ def compare_to_reference(
     """Per-parameter comparison of ``idata.posterior`` with a reference posterior.
 
     Args:
-        idata: the approximate posterior (e.g. from :func:`~pyro_flows.diagnostics.to_inference_data`).
+        idata: the approximate posterior (e.g. from
+            [`to_inference_data`][pyro_flows.diagnostics.arviz.to_inference_data]).
         reference: reference draws: another InferenceData (e.g. NUTS via ``az.from_pyro``), an xarray Dataset,
             or a dict ``{variable: draws}`` whose arrays end in the variable's shape and start with any number of
             sample axes (``(draws, *shape)`` or ``(chains, draws, *shape)``, e.g. from
-            :func:`read_posteriordb_draws`).
+            [`read_posteriordb_draws`][pyro_flows.diagnostics.reference.read_posteriordb_draws]).
         var_names: variables to compare (default: every variable present in both).
 
     Returns:
@@ -119,7 +120,7 @@ def compare_to_reference(
     Raises:
         ValueError: if no variable is shared, or a shared variable has a different shape in the reference.
 
-    Example:
+    Examples:
         >>> import numpy as np, arviz as az
         >>> rng = np.random.default_rng(0)
         >>> idata = az.from_dict(posterior={"mu": rng.normal(size=(1, 4000)), "b": rng.normal(size=(1, 4000, 2))})

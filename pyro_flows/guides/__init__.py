@@ -1,6 +1,7 @@
-"""Flow autoguides for Pyro models: :class:`AutoFlow`, per-family presets and :class:`AmortizedFlowGuide` (VAEs).
+"""Flow autoguides for Pyro models: `AutoFlow`, per-family presets and `AmortizedFlowGuide` (VAEs).
 
-Train them with the flows at a fraction of the base's learning rate from a cold start: :func:`flow_optim_args`.
+Train them with the flows at a fraction of the base's learning rate from a cold start:
+[`flow_optim_args`][pyro_flows.guides.autoflow.flow_optim_args].
 
 Examples:
     >>> import pyro, pyro.distributions as dist, torch
@@ -18,7 +19,7 @@ from pyro_flows.guides.amortized import AmortizedFlowGuide
 from pyro_flows.guides.autoflow import AutoFlow, FlowSpec, flow_optim_args
 from pyro_flows.guides.presets import *  # noqa: F403
 
-#: Every preset class by name, in the order of :mod:`pyro_flows.guides.presets`.
+#: Every preset class by name, in the order of `pyro_flows.guides.presets`.
 PRESETS: dict[str, type[AutoFlow]] = {cls.__name__: cls for cls in presets._Preset.__subclasses__()}
 
 __all__ = ["PRESETS", "AmortizedFlowGuide", "AutoFlow", "FlowSpec", "flow_optim_args", *presets.__all__]

@@ -1,21 +1,23 @@
 r"""Amortized flow posteriors for Pyro models with local latent variables (VAE-style inference).
 
-For a model with one local latent vector per data point, :math:`z_n \sim p(z)`, :math:`x_n \sim p_\theta(x|z_n)`,
-:class:`AmortizedFlowGuide` is the guide
+For a model with one local latent vector per data point, $z_n \sim p(z)$, $x_n \sim p_\theta(x|z_n)$,
+[`AmortizedFlowGuide`][pyro_flows.guides.amortized.AmortizedFlowGuide] is the guide
 
-.. math::
+$$
+h = e_\phi(x), \qquad z_0 \sim \mathcal{N}\big(\mu_\phi(h), \mathrm{diag}\,\sigma_\phi(h)^2\big), \qquad
+z = f_K(\cdot\,; h) \circ \dots \circ f_1(z_0; h),
+$$
 
-    h = e_\phi(x), \qquad z_0 \sim \mathcal{N}\big(\mu_\phi(h), \mathrm{diag}\,\sigma_\phi(h)^2\big), \qquad
-    z = f_K(\cdot\,; h) \circ \dots \circ f_1(z_0; h),
+$$
+\log q(z | x) = \log \mathcal{N}(z_0; \mu, \sigma^2) - \sum_k \log\left|\det \frac{\partial f_k}{\partial z_{k-1}}
+\right|,
+$$
 
-    \log q(z | x) = \log \mathcal{N}(z_0; \mu, \sigma^2) - \sum_k \log\left|\det \frac{\partial f_k}{\partial z_{k-1}}
-    \right|,
-
-where :math:`e_\phi` is a user-supplied encoder network, :math:`\mu = W_\mu h + b_\mu`,
-:math:`\sigma = \mathrm{softplus}(W_\sigma h + b_\sigma) + \sigma_{\min}`, and the :math:`f_k` are the flows of
-:func:`~pyro_flows.transforms.stack.build_flows` built with a context, conditioned on the encoder state :math:`h` (the
+where $e_\phi$ is a user-supplied encoder network, $\mu = W_\mu h + b_\mu$,
+$\sigma = \mathrm{softplus}(W_\sigma h + b_\sigma) + \sigma_{\min}$, and the $f_k$ are the flows of
+[`build_flows`][pyro_flows.transforms.stack.build_flows] built with a context, conditioned on the encoder state $h$ (the
 set-up of the planar / Householder / IAF / ccLinIAF / Sylvester VAE papers: Rezende & Mohamed 2015; Tomczak &
-Welling 2016, 2017; Kingma et al. 2016; van den Berg et al. 2018). Sampling :math:`z` and scoring it costs one
+Welling 2016, 2017; Kingma et al. 2016; van den Berg et al. 2018). Sampling $z$ and scoring it costs one
 encoder pass plus one forward pass of each flow: the log-dets are cached with the sample, so no flow is inverted.
 
 The guide is a plain Pyro guide: it opens the model's data plate (so Pyro scales the ELBO of a minibatch by
@@ -34,16 +36,16 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 from torch.distributions import Transform
-from torch.nn import functional as F
 
+from pyro_flows.guides.autoflow import guide_flows
 from pyro_flows.transforms.base import ConditionalFlow, Flow, check_size
-from pyro_flows.transforms.stack import FlowSpec, PermutationRule, build_flows, condition_flows
+from pyro_flows.transforms.stack import FlowSpec, PermutationRule, condition_flows
 
 __all__ = ["AmortizedFlowGuide"]
 
 
 class AmortizedFlowGuide(nn.Module):
-    r"""Amortized guide :math:`q(z | x)`: an encoder gives a diagonal Gaussian and a context for conditional flows.
+    r"""Amortized guide $q(z | x)$: an encoder gives a diagonal Gaussian and a context for conditional flows.
 
     Call it like the model: ``guide(x, *args, full_size=None, **kwargs)``. The first positional argument is the
     encoder's input; ``full_size`` (optional) is the size of the whole data set when ``x`` is a minibatch; every
@@ -57,11 +59,13 @@ class AmortizedFlowGuide(nn.Module):
     The model must declare the same plate (same name, same size) around its latent site ``site`` with event
     shape ``(latent_dim,)``.
 
-    The flows are the stack of :func:`~pyro_flows.transforms.stack.build_flows` with ``context_dim``: the same
-    spec gives the same layers as :class:`~pyro_flows.guides.AutoFlow` (``flow`` is one block repeated
+    The flows are the stack of [`build_flows`][pyro_flows.transforms.stack.build_flows] with ``context_dim``: the same
+    spec gives the same layers as [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow] (``flow`` is one block repeated
     ``num_flows`` times, with the reversal permutations of the ``permutation`` rule in between), each layer
     conditioned on the encoder state. Their parameters are named ``...flows...``, so
-    :func:`~pyro_flows.guides.flow_optim_args` gives them their own learning rate.
+    [`flow_optim_args`][pyro_flows.guides.autoflow.flow_optim_args] gives them their own learning rate. With a
+    one-dimensional latent (``latent_dim=1``) the coupling families of the block are replaced by element-wise ones,
+    as in every guide (see `pyro_flows.guides.autoflow.guide_flows`).
 
     Args:
         encoder: network mapping ``x`` of shape ``(B, ...)`` to the state ``h`` of shape ``(B, context_dim)``.
@@ -69,8 +73,8 @@ class AmortizedFlowGuide(nn.Module):
         latent_dim: size D of the latent vector.
         flow: a registered flow name (``"planar"``, ``"iaf"``, ...) or a block of names (repeated ``num_flows``
             times), ``None``/``"none"`` for the plain Gaussian guide (whatever ``num_flows``), or a sequence of
-            ready-made layers used as given: :class:`~pyro_flows.transforms.base.ConditionalFlow` modules or
-            :class:`~pyro_flows.transforms.base.Flow` s with this ``context_dim`` (or unconditional ones such as
+            ready-made layers used as given: [`ConditionalFlow`][pyro_flows.transforms.base.ConditionalFlow] modules or
+            [`Flow`][pyro_flows.transforms.base.Flow] s with this ``context_dim`` (or unconditional ones such as
             permutations).
         num_flows: number of blocks built from names (default 1); not with ready-made layers.
         flow_kwargs: options of the families of the block (each goes to every family that accepts it; unknown
@@ -80,7 +84,7 @@ class AmortizedFlowGuide(nn.Module):
         site: name of the latent sample site.
         plate_name: name of the data plate.
         subsample_size: if set, ``x`` is the whole data set and the plate subsamples it (see above).
-        min_scale: lower bound :math:`\sigma_{\min}` added to the softplus scale (keeps :math:`\log q` finite).
+        min_scale: lower bound $\sigma_{\min}$ added to the softplus scale (keeps $\log q$ finite).
         name: name under which the module's parameters enter Pyro's param store.
 
     Raises:
@@ -132,45 +136,32 @@ class AmortizedFlowGuide(nn.Module):
         self.encoder = encoder
         self.loc_head = nn.Linear(self.context_dim, self.latent_dim)
         self.scale_head = nn.Linear(self.context_dim, self.latent_dim)
-        self.site = site
-        self.plate_name = plate_name
-        self.subsample_size = subsample_size
+        self.site, self.plate_name, self.subsample_size, self.name = site, plate_name, subsample_size, name
         self.min_scale = float(min_scale)
-        self.name = name
-        self.flows = nn.ModuleList(self._build_flows(flow, num_flows, dict(flow_kwargs or {}), permutation))
-
-    def _build_flows(
-        self,
-        flow: FlowSpec | Sequence[Flow | ConditionalFlow] | None,
-        num_flows: int | None,
-        kwargs: dict[str, Any],
-        permutation: PermutationRule,
-    ) -> list[nn.Module]:
-        plain = flow is None or flow == "none"
-        names = isinstance(flow, str) or (isinstance(flow, Sequence) and all(isinstance(f, str) for f in flow))
-        if names and not plain:
+        plain, kwargs = flow is None or flow == "none", dict(flow_kwargs or {})
+        if not plain and (isinstance(flow, str) or all(isinstance(f, str) for f in flow)):
             num_flows = 1 if num_flows is None else num_flows
-            return build_flows(
-                flow, self.latent_dim, num_flows, context_dim=self.context_dim, permutation=permutation, **kwargs
+            layers = guide_flows(
+                flow, latent_dim, num_flows, context_dim=context_dim, permutation=permutation, **kwargs
             )
-        given = ["num_flows"] if num_flows is not None and not plain else []
-        given += ["permutation"] if permutation != "auto" else []
-        given += list(kwargs)
-        if given:
-            what = "flow=None builds no layers" if plain else "ready-made layers are used as given"
-            raise TypeError(f"{what}: {given} cannot apply")
-        if plain:
-            return []
-        if not isinstance(flow, Sequence) or not all(isinstance(f, Flow | ConditionalFlow) for f in flow):
-            raise TypeError(f"flow must be registry names or a sequence of Flow/ConditionalFlow modules, got {flow!r}")
-        layers = list(flow)
-        for f in layers:
-            if tuple(f.event_shape) != (self.latent_dim,) or f.context_dim not in (0, self.context_dim):
-                raise ValueError(
-                    f"flow {type(f).__name__} has event shape {tuple(f.event_shape)} and context size {f.context_dim}; "
-                    f"the guide needs ({self.latent_dim},) and {self.context_dim} (or 0)"
+        else:
+            given = ["num_flows"] * (num_flows is not None and not plain) + ["permutation"] * (permutation != "auto")
+            given += list(kwargs)
+            if given:
+                what = "flow=None builds no layers" if plain else "ready-made layers are used as given"
+                raise TypeError(f"{what}: {given} cannot apply")
+            layers = [] if plain else list(flow)
+            if not all(isinstance(f, Flow | ConditionalFlow) for f in layers):
+                raise TypeError(
+                    f"flow must be registry names or a sequence of Flow/ConditionalFlow modules, got {flow!r}"
                 )
-        return layers
+            for f in layers:
+                if tuple(f.event_shape) != (latent_dim,) or f.context_dim not in (0, context_dim):
+                    raise ValueError(
+                        f"flow {type(f).__name__} has event shape {tuple(f.event_shape)} and context size "
+                        f"{f.context_dim}; the guide needs ({latent_dim},) and {context_dim} (or 0)"
+                    )
+        self.flows = nn.ModuleList(layers)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         r"""Return the base ``loc`` and ``scale`` (each ``(B, D)``) and the context ``h`` (``(B, context_dim)``).
@@ -183,7 +174,7 @@ class AmortizedFlowGuide(nn.Module):
         if h.dim() < 1 or h.shape[-1] != self.context_dim:
             raise ValueError(f"the encoder must return (..., {self.context_dim}) features, got {tuple(h.shape)}")
         loc = self.loc_head(h)
-        scale = F.softplus(self.scale_head(h)) + self.min_scale
+        scale = nn.functional.softplus(self.scale_head(h)) + self.min_scale
         return loc, scale, h
 
     def transforms(self, context: Tensor) -> list[Transform]:
@@ -191,10 +182,9 @@ class AmortizedFlowGuide(nn.Module):
         return condition_flows(list(self.flows), context)
 
     def posterior(self, x: Tensor) -> dist.TransformedDistribution:
-        r"""The distribution :math:`q(z | x)` with batch shape ``x.shape[:1]`` and event shape ``(latent_dim,)``."""
+        r"""The distribution $q(z | x)$ with batch shape ``x.shape[:1]`` and event shape ``(latent_dim,)``."""
         loc, scale, h = self.encode(x)
-        base = dist.Normal(loc, scale).to_event(1)
-        return dist.TransformedDistribution(base, self.transforms(h))
+        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), self.transforms(h))
 
     def forward(self, x: Tensor, *args: Any, full_size: int | None = None, **kwargs: Any) -> Tensor:
         """Sample the latent site for the data ``x`` inside the data plate and return the sample.
@@ -210,17 +200,12 @@ class AmortizedFlowGuide(nn.Module):
         if self.subsample_size is not None:
             with pyro.plate(self.plate_name, x.shape[0], subsample_size=self.subsample_size) as idx:
                 return pyro.sample(self.site, self.posterior(x[idx]))
-        batch = x.shape[0]
-        size = batch if full_size is None else int(full_size)
-        if size < batch:
-            raise ValueError(f"full_size ({size}) is smaller than the batch ({batch})")
-        subsample = torch.arange(batch, device=x.device)
-        with pyro.plate(self.plate_name, size, subsample=subsample):
+        size = len(x) if full_size is None else int(full_size)
+        if size < len(x):
+            raise ValueError(f"full_size ({size}) is smaller than the batch ({len(x)})")
+        with pyro.plate(self.plate_name, size, subsample=torch.arange(len(x), device=x.device)):
             return pyro.sample(self.site, self.posterior(x))
 
     def extra_repr(self) -> str:
-        """Show the latent and context sizes, the site and plate names and the number of flow layers."""
-        return (
-            f"latent_dim={self.latent_dim}, context_dim={self.context_dim}, site={self.site!r}, "
-            f"plate={self.plate_name!r}, layers={len(self.flows)}"
-        )
+        """Show the latent and context sizes and the site and plate names (the layers print as submodules)."""
+        return f"latent={self.latent_dim}, context={self.context_dim}, site={self.site!r}, plate={self.plate_name!r}"

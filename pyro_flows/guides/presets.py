@@ -1,11 +1,12 @@
-r"""Per-family presets of :class:`~pyro_flows.guides.AutoFlow`, in the style of Pyro's ``AutoIAFNormal``.
+r"""Per-family presets of [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow], in the style of Pyro's ``AutoIAFNormal``.
 
-A preset is :class:`AutoFlow` with a default family (:attr:`AutoFlow.flow`) and depth (:attr:`AutoFlow.num_flows`):
-it takes every other argument of :class:`AutoFlow` by keyword (``num_flows``, ``init_loc_fn``, ``init_scale``,
-``permutation`` and the family's options, e.g. ``hidden_dims``), checked at construction. The defaults were chosen
-on the benchmarks of ``benchmarks/bench_guides.py`` (a 50-d Bayesian logistic regression and Rezende & Mohamed's
-2-d energies), trained with the flows at a tenth of the base's learning rate (a hundredth for AutoSplineCoupling)
-through :func:`~pyro_flows.guides.autoflow.flow_optim_args`; see ``benchmarks/README.md`` for the numbers.
+A preset is [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow] with a default family (`AutoFlow.flow`) and depth
+(`AutoFlow.num_flows`): it takes every other argument of [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow] by keyword
+(``num_flows``, ``init_loc_fn``, ``init_scale``, ``permutation`` and the family's options, e.g. ``hidden_dims``),
+checked at construction. The defaults were chosen on the benchmarks of ``benchmarks/bench_guides.py`` (a 50-d Bayesian
+logistic regression and Rezende & Mohamed's 2-d energies), trained with the flows at a tenth of the base's learning rate
+(a hundredth for AutoSplineCoupling) through [`flow_optim_args`][pyro_flows.guides.autoflow.flow_optim_args]; see
+``benchmarks/README.md`` for the numbers.
 
 Which preset:
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
-from pyro_flows.guides.autoflow import AutoFlow
+from pyro_flows.guides.autoflow import AutoFlow, FlowSpec
 
 __all__ = [
     "AutoConvexTriangular",
@@ -48,78 +49,65 @@ __all__ = [
 ]
 
 
-def _reject_flow(preset: AutoFlow, kwargs: dict[str, Any]) -> None:
-    if "flow" in kwargs:
-        raise TypeError(f"{type(preset).__name__} fixes its flow; use AutoFlow(model, flow=...) for another one")
-
-
 class _Preset(AutoFlow):
-    """:class:`AutoFlow` with a fixed family: the model positionally, every other argument by keyword."""
+    """`AutoFlow` with a fixed family: the model positionally, every other argument by keyword."""
+
+    def __init_subclass__(cls, flow: FlowSpec | None = None, num_flows: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.flow, cls.num_flows = flow or cls.flow, num_flows or cls.num_flows
 
     def __init__(self, model: Callable[..., Any], **kwargs: Any) -> None:
-        _reject_flow(self, kwargs)
+        if "flow" in kwargs:
+            raise TypeError(f"{type(self).__name__} fixes its flow; use AutoFlow(model, flow=...) for another one")
         super().__init__(model, **kwargs)
 
 
-class AutoIAF(_Preset):
+class AutoIAF(_Preset, flow="iaf", num_flows=2):
     r"""Inverse autoregressive flow guide (Kingma et al. 2016): ``num_flows`` IAF layers (2), reversed in between.
 
     Sampling and scoring its own draws are one parallel pass per layer.
 
-    The layers use the numerically stable gated update :math:`z' = \sigma \odot z + (1 - \sigma) \odot m`
+    The layers use the numerically stable gated update $z' = \sigma \odot z + (1 - \sigma) \odot m$
     (the default of the ``"iaf"`` family), which can only shrink a coordinate, by a factor in (0, 1) per layer.
     Where the posterior's scale changes by orders of magnitude with another latent (funnels, hierarchical scales)
-    pass ``gated=False`` for the affine update :math:`z' = \mu + e^{s} \odot z` (:math:`|s| < 5`), more layers and
+    pass ``gated=False`` for the affine update $z' = \mu + e^{s} \odot z$ ($|s| < 5$), more layers and
     one learning rate for the whole guide: on Neal's 10-d funnel (8000 steps, 16 particles) the affine guide with 4
     layers reaches KL 0.026 nats and k̂ 0.25 against KL 0.79 and k̂ 0.75 for the gated default
     (``examples/notebooks/neals_funnel``).
     """
 
-    flow = "iaf"
-    num_flows = 2
 
-
-class AutoMAF(_Preset):
+class AutoMAF(_Preset, flow="maf", num_flows=2):
     """Masked autoregressive flow guide (Papamakarios et al. 2017): density in one pass, sampling in D passes.
 
     ``num_flows`` MAF layers (2), reversed in between.
     """
 
-    flow = "maf"
-    num_flows = 2
+
+class AutoPlanar(_Preset, flow="planar", num_flows=8):
+    r"""Planar flow guide (Rezende & Mohamed 2015): ``num_flows`` layers (8) $u + a\,h(w^\top u + b)$."""
 
 
-class AutoPlanar(_Preset):
-    r"""Planar flow guide (Rezende & Mohamed 2015): ``num_flows`` layers (8) :math:`u + a\,h(w^\top u + b)`."""
-
-    flow = "planar"
-    num_flows = 8
-
-
-class AutoRadial(_Preset):
+class AutoRadial(_Preset, flow="radial", num_flows=8):
     """Radial flow guide (Rezende & Mohamed 2015): ``num_flows`` radial contractions/expansions (8)."""
 
-    flow = "radial"
-    num_flows = 8
 
-
-class AutoSylvester(_Preset):
-    r"""Sylvester flow guide (van den Berg et al. 2018): ``num_flows`` layers (4) :math:`u + A\,h(B u + b)`.
+class AutoSylvester(_Preset, flow="sylvester_householder", num_flows=4):
+    r"""Sylvester flow guide (van den Berg et al. 2018): ``num_flows`` layers (4) $u + A\,h(B u + b)$.
 
     Args:
         model: a Pyro model.
         kind: how the orthogonal factor is parameterized: ``"householder"`` (default; fast, exact),
             ``"orthogonal"`` (iterative orthogonalization, not JIT-traceable) or ``"triangular"`` (alternating
             permutations); the family is ``"sylvester_<kind>"``.
-        **kwargs: every other argument of :class:`AutoFlow` (``num_flows``, ``init_scale``, family options, ...).
+        **kwargs: every other argument of [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow] (``num_flows``,
+                  ``init_scale``, family options, ...).
 
     Raises:
         ValueError: for an unknown ``kind``.
 
     """
 
-    flow = "sylvester_householder"
-    num_flows = 4
     KINDS: ClassVar[tuple[str, ...]] = ("householder", "orthogonal", "triangular")
 
     def __init__(
@@ -130,34 +118,27 @@ class AutoSylvester(_Preset):
     ) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        _reject_flow(self, kwargs)
-        AutoFlow.__init__(self, model, f"sylvester_{kind}", **kwargs)
-        self.kind = kind
+        self.kind, self.flow = kind, f"sylvester_{kind}"
+        super().__init__(model, **kwargs)
 
 
-class AutoHouseholder(_Preset):
+class AutoHouseholder(_Preset, flow=("elementwise_affine", "householder"), num_flows=4):
     r"""Householder flow guide (Tomczak & Welling 2016): a full-covariance Gaussian.
 
     Each of the ``num_flows`` blocks (4) rescales the coordinates and then reflects them,
-    :math:`u \mapsto H (a + e^{s} \odot u)` with :math:`H` a product of ``num_reflections`` Householder
+    $u \mapsto H (a + e^{s} \odot u)$ with $H$ a product of ``num_reflections`` Householder
     reflections (2): a rotation alone would leave the standard normal unchanged (it is rotation invariant), hence
     the element-wise affine in each block. With a rescaling in every block (not only in the first) the stack is
     the one every other guide builds from this spec, and it covers every Gaussian that one rescaling followed by
     the same reflections does.
     """
 
-    flow = ("elementwise_affine", "householder")
-    num_flows = 4
 
-
-class AutoConvexTriangular(_Preset):
+class AutoConvexTriangular(_Preset, flow="convex_triangular", num_flows=1):
     """Convex-combination linear IAF guide (Tomczak & Welling 2017): a full-covariance Gaussian (1 layer)."""
 
-    flow = "convex_triangular"
-    num_flows = 1
 
-
-class AutoSplineCoupling(_Preset):
+class AutoSplineCoupling(_Preset, flow="spline_coupling", num_flows=2):
     """Rational-quadratic spline coupling guide (Durkan et al. 2019): ``num_flows`` layers (2), reversed in between.
 
     Its conditioner networks are wide: from a cold start train its flows at a hundredth of the base's learning rate
@@ -165,19 +146,10 @@ class AutoSplineCoupling(_Preset):
     logistic regression benchmark, with ``0.01`` above it.
     """
 
-    flow = "spline_coupling"
-    num_flows = 2
 
-
-class AutoResidual(_Preset):
+class AutoResidual(_Preset, flow="residual", num_flows=2):
     """Invertible residual flow guide (Behrmann et al. 2019; Chen et al. 2019): ``num_flows`` blocks (2)."""
 
-    flow = "residual"
-    num_flows = 2
 
-
-class AutoFFJORD(_Preset):
+class AutoFFJORD(_Preset, flow="ffjord", num_flows=1):
     """Continuous normalizing flow guide (FFJORD, Grathwohl et al. 2019): ``num_flows`` ODE blocks (1)."""
-
-    flow = "ffjord"
-    num_flows = 1
