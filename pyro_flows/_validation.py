@@ -24,8 +24,11 @@ def check_real(value: Any, name: str, positive: bool = False) -> float:
     return float(value)
 
 
-def check_widths(value: Any, name: str) -> tuple[int, ...]:
-    """Return hidden widths as a tuple of positive ints, or raise a ``ValueError`` naming the argument."""
+def check_widths(value: Any, name: str, equal: bool = False) -> tuple[int, ...]:
+    """Return hidden widths as a tuple of positive ints (all equal with ``equal``: residual networks), else raise."""
     if isinstance(value, int) or not isinstance(value, Sequence):
         raise ValueError(f"{name} must be a sequence of positive integers (e.g. (64, 64)), got {value!r}")
-    return tuple(check_size(width, f"every entry of {name}") for width in value)
+    widths = tuple(check_size(width, f"every entry of {name}") for width in value)
+    if equal and len(set(widths)) > 1:
+        raise ValueError(f"a residual network needs equal hidden widths, got {name}={widths}")
+    return widths

@@ -143,11 +143,9 @@ class MADE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        hidden_dims = check_widths(hidden_dims, "hidden_dims")
+        hidden_dims = check_widths(hidden_dims, "hidden_dims", equal=residual)
         dim, num_params = check_size(dim, "dim"), check_size(num_params, "num_params")
         context_dim = check_size(context_dim, "context_dim", minimum=0)
-        if residual and len(set(hidden_dims)) > 1:
-            raise ValueError(f"residual MADE needs equal hidden widths, got {hidden_dims}")
         self.dim = dim
         self.num_params = num_params
         self.context_dim = context_dim

@@ -47,13 +47,11 @@ class ResidualNet(nn.Module):
         zero_last: bool = False,
     ) -> None:
         super().__init__()
-        hidden_dims = check_widths(hidden_dims, "hidden_dims")
+        hidden_dims = check_widths(hidden_dims, "hidden_dims", equal=residual)
         if not hidden_dims:
             raise ValueError("a ResidualNet needs at least one hidden layer (hidden_dims is empty)")
         in_features, out_features = check_size(in_features, "in_features"), check_size(out_features, "out_features")
         context_dim = check_size(context_dim, "context_dim", minimum=0)
-        if residual and len(set(hidden_dims)) > 1:
-            raise ValueError(f"a residual network needs equal hidden widths, got {hidden_dims}")
         self.residual = residual
         self.context_dim = context_dim
         self.input = nn.Linear(in_features, hidden_dims[0])
