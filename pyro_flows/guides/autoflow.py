@@ -325,6 +325,8 @@ class AutoFlow(AutoContinuous):
         if bad:
             raise TypeError(f"the flow callable must return transform modules (Transform and nn.Module), got {bad}")
         self.flows = nn.ModuleList(layers).to(device=loc.device, dtype=loc.dtype)
+        # a family fact, read once: every access to ``self.flows`` re-registers it in Pyro's param store
+        self._untraceable = sorted({type(f).__name__ for f in layers if not getattr(f, "traceable", True)})
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def get_extra_state(self) -> dict[str, Any]:
@@ -346,7 +348,8 @@ class AutoFlow(AutoContinuous):
     # ------------------------------------------------------------------------------------------------ the posterior
     def get_base_dist(self) -> dist.TorchDistribution:
         r"""The standard normal $\mathcal{N}(0, I_D)$ on the device and dtype of the guide's parameters."""
-        return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
+        zeros = torch.zeros_like(self.loc)  # one parameter lookup (each one goes through Pyro's param store)
+        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def _transforms(self, *args: Any, **kwargs: Any) -> list[Transform]:
         if self.prototype_trace is None:
@@ -360,11 +363,11 @@ class AutoFlow(AutoContinuous):
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
         """The guide's distribution over the packed unconstrained latents (``rsample`` and ``log_prob``)."""
         transforms = self._transforms(*args, **kwargs)
-        untraceable = sorted({type(f).__name__ for f in self.flows if not getattr(f, "traceable", True)})
-        if untraceable and torch.jit.is_tracing():
+        if self._untraceable and torch.jit.is_tracing():
             raise NotImplementedError(
                 f"{type(self).__name__} cannot be traced by torch.jit (JitTrace_ELBO, trace_module): the flow(s) "
-                f"{untraceable} are iterative (data-dependent control flow); use Trace_ELBO, and torch.save to save"
+                f"{self._untraceable} are iterative (data-dependent control flow); use Trace_ELBO, and torch.save to "
+                "save"
             )
         return dist.TransformedDistribution(self.get_base_dist(), transforms)
 
