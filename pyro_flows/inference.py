@@ -8,10 +8,11 @@ r"""One call from a Pyro model to a checked posterior: [`fit`][pyro_flows.infere
 2. **Laplace**: the Gaussian $\mathcal{N}(\hat z, H^{-1})$ with $H$ the exact Hessian of the negative log joint
    at the MAP for $D \le$ `dense_laplace_max_dim` (200) unconstrained dimensions; above, the diagonal
    $\mathcal{N}(\hat z, \mathrm{diag}(1 / H_{ii}))$ (no $D \times D$ matrix in the guide).
-3. **Warm start**: the flow guide $z = \mu + \sigma \odot C\, f_2(f_1(\varepsilon))$,
-   `AutoFlow.from_guide` of the Laplace fit: $\mu = \hat z$, $\sigma$ its
-   marginal sds, a last `Triangular` layer $C$ holding the Cholesky
-   factor of its correlation matrix, and four affine IAF layers $f_k$ (`gated=False`, hidden (32, 32), at the
+3. **Warm start**: the flow guide $z = \mu + d \odot U\, f_4(\cdots f_1(\varepsilon))$,
+   `AutoFlow.from_guide` of the Laplace fit: $\mu = \hat z$, $d$ its conditional sds and a last unit
+   lower-triangular `Triangular` layer $U$ with $\Sigma = \mathrm{diag}(d) U U^\top \mathrm{diag}(d)$ (so no layer
+   diagonal has to represent a near-singular correlation, e.g. a regression on an uncentred predictor), and four
+   affine IAF layers $f_k$ (`gated=False`, hidden (32, 32), at the
    identity) on the whitened coordinates. At step 0 the guide is exactly the Laplace Gaussian. Where the
    Laplace Gaussian is a worse start than the package's cold start (MAP at a degenerate mode, as in a funnel:
    the mode sits at the neck), the guide with the same flows starts from `init_to_feasible` at scale 0.1 instead;
@@ -65,7 +66,6 @@ from pyro_flows.diagnostics import (
 from pyro_flows.guides import AutoFlow
 from pyro_flows.training import train
 from pyro_flows.transforms import build_flows
-from pyro_flows.transforms._utils import MIN_POSITIVE
 from pyro_flows.transforms.linear import Triangular
 
 with warnings.catch_warnings():
@@ -329,7 +329,9 @@ def _find_map(log_joint: Callable[[Tensor], Tensor], init: Tensor) -> Tensor | N
 def _laplace_scales(
     log_joint: Callable[[Tensor], Tensor], mode: Tensor, dense_max_dim: int
 ) -> tuple[Tensor, Tensor] | None:
-    r"""Marginal sds and correlation Cholesky factor of the Laplace Gaussian at `mode` (`None`: no curvature).
+    r"""Conditional sds $d$ and unit lower-triangular $U$ with $\Sigma = \mathrm{diag}(d)\, U U^\top \mathrm{diag}(d)$.
+
+    The factors of the Laplace Gaussian at `mode` (`None`: no curvature).
 
     For $D \le$ `dense_max_dim`: $\Sigma = H^{-1}$ with the exact Hessian $H$ of $-\log p$ (eigenvalues clipped
     at $10^{-8} \max|\lambda|$ when $H$ is not positive definite); above, the diagonal $\Sigma_{ii} = 1 / H_{ii}$
@@ -361,12 +363,17 @@ def _laplace_scales(
         covariance = torch.cholesky_inverse(precision_tril)
     scale = torch.diagonal(covariance).sqrt()
     corr = covariance / scale / scale.unsqueeze(-1)
-    corr_tril, info = torch.linalg.cholesky_ex((corr + corr.T) / 2)
-    return (scale, corr_tril) if int(info) == 0 else None
+    corr_tril, info = torch.linalg.cholesky_ex((corr + corr.T) / 2)  # better conditioned than Σ's own factor
+    if int(info) != 0:
+        return None
+    # Σ = L Lᵀ with L = diag(σ) C = diag(d) U: conditional sds d = σ ⊙ diag(C) and a unit lower-triangular U, so
+    # that no diagonal of the guide's triangular layer has to represent a near-singular correlation
+    diag = torch.diagonal(corr_tril)
+    return scale * diag, corr_tril / diag.unsqueeze(-1)
 
 
 def _flow_layers(corr_tril: Tensor | None, num_flows: int, hidden_dims: Sequence[int]) -> Callable[[int], list[Any]]:
-    """`dim -> layers`: affine IAF layers (reversed between them), then a triangular layer set to `corr_tril`."""
+    """`dim -> layers`: affine IAF layers (reversed between them), then a unit triangular layer set to `corr_tril`."""
 
     def layers(dim: int) -> list[Any]:
         flows: list[Any] = build_flows("iaf", dim, num_flows, hidden_dims=tuple(hidden_dims), gated=False)
@@ -374,9 +381,7 @@ def _flow_layers(corr_tril: Tensor | None, num_flows: int, hidden_dims: Sequence
         if corr_tril is not None:
             rows, cols = torch.tril_indices(dim, dim, -1)
             with torch.no_grad():
-                correlate.lower.copy_(corr_tril[rows, cols])
-                diag = torch.diagonal(corr_tril).clamp_min(2 * MIN_POSITIVE) - MIN_POSITIVE
-                correlate.raw_diag.copy_(diag + torch.log(-torch.expm1(-diag)))  # softplus⁻¹
+                correlate.lower.copy_(corr_tril[rows, cols])  # the diagonal stays at its initial 1
         return [*flows, correlate]
 
     return layers
