@@ -155,10 +155,10 @@ class AutoFlow(AutoContinuous):
     **Learning rates.** From a cold start the affine base should do the bulk of the work early (where the
     posterior is, how wide) while the flows refine its shape without injecting gradient noise, so give the flows a
     smaller learning rate through the optimizer with [`flow_optim_args`][pyro_flows.guides.autoflow.flow_optim_args]:
-    ``pyro.optim.Adam(flow_optim_args(0.01, flow_lr_scale=0.1))``. On the 50-d logistic regression of
-    ``benchmarks/bench_guides.py`` (300 Adam steps at lr 0.01) a single learning rate leaves most presets 1–3 nats
-    of ELBO *below* AutoNormal and ``flow_lr_scale=0.1`` puts them above it (``0.01`` for the wide conditioners of
-    [`AutoSplineCoupling`][pyro_flows.guides.presets.AutoSplineCoupling]). After
+    ``pyro.optim.Adam(flow_optim_args(0.01, flow_lr_scale=0.1))`` (``0.01`` for the wide conditioners of
+    [`AutoSplineCoupling`][pyro_flows.guides.presets.AutoSplineCoupling]); with one learning rate for everything,
+    flows can fall behind AutoNormal early or diverge with one particle (measurements: ``benchmarks/README.md``).
+    After
     [`from_guide`][pyro_flows.guides.autoflow.AutoFlow.from_guide] the base is already fitted and one learning rate for
     everything is fine.
 
@@ -188,8 +188,7 @@ class AutoFlow(AutoContinuous):
         init_loc_fn: per-site initialization of $\mu$ (see Pyro's ``autoguide.initialization``). The
             default, ``init_to_feasible``, is AutoNormal's (so step 0 is exactly AutoNormal's initial
             distribution) and is deterministic; ``init_to_median`` (Pyro's ``AutoContinuous`` default) takes the
-            median of 15 prior draws, whose noise cost about 3 nats of ELBO after 300 steps on the 50-d logistic
-            regression of ``benchmarks/bench_guides.py``.
+            median of 15 prior draws, whose noise costs ELBO early on (``benchmarks/README.md``).
         init_scale: initial $\sigma$ (a positive float for every coordinate).
         permutation: the permutation rule between blocks: ``"auto"`` (a reversal where a family of the block
             needs one: autoregressive, coupling, triangular), ``"reverse"``, ``"random"`` or ``None`` (none).
