@@ -213,8 +213,9 @@ class _Sylvester(ParametricFlow):
         q = self._basis(params)
         r, rt, diag_prod = self._triangles(params)
         bias = params["bias"]
-        if r.dim() == 2:
-            # shared parameters: fold Q into A = Q R and B = R̃ Qᵀ once, then two GEMMs for the whole batch
+        if r.dim() == 2 and x.numel() >= self.dim * self.num_hidden:
+            # shared parameters and a batch of at least M points: fold Q into A = Q R and B = R̃ Qᵀ once (O(DM²)),
+            # then two GEMMs for the whole batch; smaller batches apply the factors one by one (O(DM) per point)
             a, b = self._fold(q, r, rt)
             flat = x.reshape(-1, self.dim)
             act = torch.tanh(torch.addmm(bias, flat, b.transpose(0, 1)))
