@@ -7,20 +7,34 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def check_size(value: Any, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an ``int`` if it is an integer ``≥ minimum``, else raise a ``ValueError`` naming it."""
+def check_size(value: Any, name: str, minimum: int = 1, optional: bool = False) -> Any:
+    """Return ``value`` as an ``int`` if it is an integer ``≥ minimum`` (or ``None`` with ``optional``), else raise.
+
+    Raises:
+        ValueError: naming the argument.
+
+    """
+    if optional and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
     return int(value)
 
 
-def check_real(value: Any, name: str, positive: bool = False) -> float:
-    """Return ``value`` as a ``float`` if it is finite (and ``> 0`` with ``positive``), else raise a ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+def check_real(value: Any, name: str, positive: bool = False, optional: bool = False) -> Any:
+    """Return ``value`` as a ``float`` if finite (``> 0`` with ``positive``; ``None`` passes with ``optional``).
+
+    Raises:
+        ValueError: naming the argument.
+
+    """
+    if optional and value is None:
+        return None
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or (positive and value <= 0):
+        kind = "a positive finite number" if positive else "a finite number"
+        raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
     return float(value)
 
 

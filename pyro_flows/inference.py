@@ -56,6 +56,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
+from pyro_flows._validation import check_real, check_size
 from pyro_flows.diagnostics import (
     ELBOTrace,
     importance_resample,
@@ -133,15 +134,11 @@ class FitOptions:
             "num_flows",
             "dense_laplace_max_dim",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_flows" else 1):
-                raise ValueError(f"FitOptions.{name} must be a positive integer, got {value!r}")
+            check_size(getattr(self, name), f"FitOptions.{name}", minimum=0 if name == "num_flows" else 1)
         if self.khat_samples < 100:
             raise ValueError(f"FitOptions.khat_samples must be at least 100, got {self.khat_samples!r}")
         for name in ("max_seconds", "lr", "final_lr", "tol"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-                raise ValueError(f"FitOptions.{name} must be a positive finite number, got {value!r}")
+            check_real(getattr(self, name), f"FitOptions.{name}", positive=True)
         if self.final_lr > self.lr:
             raise ValueError(f"FitOptions.final_lr ({self.final_lr}) must not exceed lr ({self.lr})")
 

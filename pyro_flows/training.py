@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pyro_flows._validation import check_real, check_size
+
 __all__ = ["LRSchedule", "TrainOptions", "TrainResult", "check_options", "make_adam", "train"]
 
 logger = logging.getLogger(__name__)
@@ -71,20 +73,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _positive_int(value: Any, name: str, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
-
-
-def _positive_float(value: Any, name: str, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number{' or None' if optional else ''}, got {value!r}")
-
-
 def check_options(
     *,
     epochs: int,
@@ -108,11 +96,11 @@ def check_options(
         ValueError: grad_clip must be a positive finite number or None, got 0.0
 
     """
-    _positive_int(epochs, "epochs")
-    _positive_int(max_steps, "max_steps", optional=True)
-    _positive_int(patience, "patience", optional=True)
-    _positive_float(lr, "lr")
-    _positive_float(grad_clip, "grad_clip", optional=True)
+    check_size(epochs, "epochs")
+    check_size(max_steps, "max_steps", optional=True)
+    check_size(patience, "patience", optional=True)
+    check_real(lr, "lr", positive=True)
+    check_real(grad_clip, "grad_clip", positive=True, optional=True)
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float) or not 0 <= weight_decay < math.inf:
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
     if lr_schedule not in (None, "cosine", "plateau") and not callable(lr_schedule):

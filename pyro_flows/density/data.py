@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from pyro_flows._validation import check_size
+
 __all__ = [
     "CHECKERBOARD_ENTROPY",
     "TOY_DATASETS",
@@ -38,11 +40,6 @@ __all__ = [
 
 #: Differential entropy of `checkerboard` in nats ($\log 32$; 5 bits).
 CHECKERBOARD_ENTROPY = math.log(32.0)
-
-
-def _check_n(n: int) -> None:
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
 
 
 def two_moons(n: int, noise: float = 0.1, generator: torch.Generator | None = None) -> Tensor:
@@ -64,7 +61,7 @@ def two_moons(n: int, noise: float = 0.1, generator: torch.Generator | None = No
         torch.Size([5, 2])
 
     """
-    _check_n(n)
+    check_size(n, "the number of samples n")
     t = torch.rand(n, generator=generator) * math.pi
     upper = torch.rand(n, generator=generator) < 0.5
     x = torch.where(upper, t.cos(), 1.0 - t.cos())
@@ -90,7 +87,7 @@ def eight_gaussians(n: int, radius: float = 2.0, std: float = 0.2, generator: to
         torch.Size([4, 2])
 
     """
-    _check_n(n)
+    check_size(n, "the number of samples n")
     k = torch.randint(0, 8, (n,), generator=generator).to(torch.get_default_dtype())
     angle = k * (math.pi / 4.0)
     centres = radius * torch.stack([angle.cos(), angle.sin()], dim=-1)
@@ -117,7 +114,7 @@ def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
         True
 
     """
-    _check_n(n)
+    check_size(n, "the number of samples n")
     column = torch.randint(0, 4, (n,), generator=generator)
     row = 2 * torch.randint(0, 2, (n,), generator=generator) + column % 2
     corner = 2.0 * torch.stack([column, row], dim=-1).to(torch.get_default_dtype()) - 4.0
@@ -146,7 +143,7 @@ def rings(
         torch.Size([3, 2])
 
     """
-    _check_n(n)
+    check_size(n, "the number of samples n")
     if not radii or any(r <= 0 for r in radii):
         raise ValueError(f"radii must be positive, got {radii!r}")
     weights = torch.tensor(radii, dtype=torch.get_default_dtype())

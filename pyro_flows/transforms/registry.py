@@ -27,23 +27,30 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+from pyro_flows._validation import check_size
 from pyro_flows.transforms.base import ConditionalFlow, Flow, ParametricFlow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def factory_keywords(factory: Callable[..., Any]) -> frozenset[str]:
-    """The keyword arguments a layer factory accepts, besides the event size (and ``context_dim``).
+def _keyword_parameters(factory: Callable[..., Any]) -> list[inspect.Parameter]:
+    """A factory's parameters after the event size, with a flow class's ``**context`` spelled out.
 
-    For a [`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow] family whose ``__init__`` forwards ``**context``
-    to the base class, the hypernetwork's keywords (``context_dim``, ``context_hidden_dims``) are included.
+    A family whose ``__init__`` forwards ``**context`` to its base class takes the base's keyword-only arguments
+    (``context_dim``, and ``context_hidden_dims`` for a
+    [`ParametricFlow`][pyro_flows.transforms.base.ParametricFlow]).
     """
     parameters = list(inspect.signature(factory).parameters.values())[1:]
-    names = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    explicit = [p for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     if any(p.kind is p.VAR_KEYWORD for p in parameters) and isinstance(factory, type):
         base = ParametricFlow if issubclass(factory, ParametricFlow) else Flow
-        names |= {p.name for p in inspect.signature(base.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY}
-    return frozenset(names)
+        explicit += [p for p in inspect.signature(base.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return explicit
+
+
+def factory_keywords(factory: Callable[..., Any]) -> frozenset[str]:
+    """The keyword arguments a layer factory accepts, besides the event size (``context_dim`` included)."""
+    return frozenset(p.name for p in _keyword_parameters(factory))
 
 
 class ConditionalFactory:
@@ -61,18 +68,14 @@ class ConditionalFactory:
         self.family = family
         self.__name__ = self.__qualname__ = f"Conditional{family.__name__}"
         self.__doc__ = f"Amortized `{family.__module__}.{family.__name__}` (see that class)."
-        parameters = list(inspect.signature(family).parameters.values())
+        first = next(iter(inspect.signature(family).parameters.values()))
         context = inspect.Parameter("context_dim", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
-        rest = [p for p in parameters[1:] if p.name != "context_dim" and p.kind is not p.VAR_KEYWORD]
-        if any(p.kind is p.VAR_KEYWORD for p in parameters):  # ``**context`` forwarded to ParametricFlow
-            base = inspect.signature(ParametricFlow.__init__).parameters.values()
-            rest += [p for p in base if p.kind is p.KEYWORD_ONLY and p.name != "context_dim"]
-        self.__signature__ = inspect.Signature([parameters[0], context, *rest])
+        rest = [p for p in _keyword_parameters(family) if p.name != "context_dim"]
+        self.__signature__ = inspect.Signature([first, context, *rest])
 
     def __call__(self, dim: int, context_dim: int, **kwargs: Any) -> ConditionalFlow:
         """Build the conditional flow."""
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
-            raise ValueError(f"context_dim must be a positive integer, got {context_dim!r}")
+        check_size(context_dim, "context_dim")
         return ConditionalFlow(self.family(dim, context_dim=context_dim, **kwargs))
 
     def __repr__(self) -> str:
