@@ -2,29 +2,27 @@ r"""One call from a Pyro model to a checked posterior: [`fit`][pyro_flows.infere
 
 `fit(model, *args, **kwargs)` runs, without tuning:
 
-1. **MAP**: L-BFGS (strong-Wolfe line search) on the log joint in unconstrained space,
-   $\log p(x, \theta(z)) + \log|\det \partial\theta/\partial z|$, from `init_to_feasible`; Adam (through
-   `train`) when L-BFGS fails or ends on a non-finite value.
-2. **Laplace**: the Gaussian $\mathcal{N}(\hat z, H^{-1})$ with $H$ the exact Hessian of the negative log joint
-   at the MAP for $D \le$ `dense_laplace_max_dim` (200) unconstrained dimensions; above, the diagonal
-   $\mathcal{N}(\hat z, \mathrm{diag}(1 / H_{ii}))$ (no $D \times D$ matrix in the guide).
-3. **Warm start**: the flow guide $z = \mu + d \odot U\, f_4(\cdots f_1(\varepsilon))$,
-   `AutoFlow.from_guide` of the Laplace fit: $\mu = \hat z$, $d$ its conditional sds and a last unit
-   lower-triangular `Triangular` layer $U$ with $\Sigma = \mathrm{diag}(d) U U^\top \mathrm{diag}(d)$ (so no layer
-   diagonal has to represent a near-singular correlation, e.g. a regression on an uncentred predictor), and four
-   affine IAF layers $f_k$ (`gated=False`, hidden (32, 32), at the
-   identity) on the whitened coordinates. At step 0 the guide is exactly the Laplace Gaussian. Where the
-   Laplace Gaussian is a worse start than the package's cold start (MAP at a degenerate mode, as in a funnel:
-   the mode sits at the neck), the guide with the same flows starts from `init_to_feasible` at scale 0.1 instead;
-   the start with the higher ELBO estimate (256 draws) wins.
-4. **SVI**: `Trace_ELBO(num_particles=8, vectorize_particles=True).differentiable_loss` minimized by Pyro's
+1. **Start** ([`pyro_flows.guides.laplace`][pyro_flows.guides.laplace], `AutoFlow`'s default
+   `start="laplace"`): the MAP by L-BFGS on the log joint in unconstrained space,
+   $\log p(x, \theta(z)) + \log|\det \partial\theta/\partial z|$, from `init_to_feasible` (Adam when L-BFGS
+   fails), and the Laplace Gaussian $\mathcal{N}(\hat z, H^{-1})$ there: the exact Hessian for
+   $D \le$ `AutoFlow.dense_max_dim` (200) unconstrained dimensions, its diagonal above.
+2. **Guide**: [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow] $z = \mu + \mathrm{diag}(d)\, U\,
+   f_4(\cdots f_1(\varepsilon))$ with four affine IAF layers $f_k$ (`gated=False`, hidden (32, 32), at the
+   identity) on whitened coordinates, $\mu = \hat z$, $d$ the Laplace conditional sds and $U$ the unit
+   lower-triangular factor of its correlations ($\Sigma = \mathrm{diag}(d) U U^\top \mathrm{diag}(d)$, so no
+   diagonal has to represent a near-singular correlation, e.g. a regression on an uncentred predictor). At step
+   0 the guide is exactly the Laplace Gaussian. Where the Laplace Gaussian is a worse start than the cold start
+   (MAP at a degenerate mode, as in a funnel: the mode sits at the neck), the guide starts from
+   `init_to_feasible` at scale 0.1 instead: the start with the higher ELBO estimate wins.
+3. **SVI** as one loop: `Trace_ELBO(num_particles=8, vectorize_particles=True).differentiable_loss` minimized by Pyro's
    `ClippedAdam` in the package's training loop, checked every `check_every` (100) steps. The learning rate
    starts at `lr` (1e-2) and drops by $\sqrt{10}$ each time the ELBO plateaus, down to `final_lr` (1e-3); a
    plateau at `final_lr` ends the run, as do `max_steps` and the `max_seconds` wall-time cap (whole fit). Each
    rate runs at least `plateau_window` (500) steps; the plateau test fits a line to the ELBO of the last
    `plateau_window` steps (a smoothed trace) and compares its gain over the window,
    $\Delta = \text{window} \cdot \text{slope}$, with $\max(\text{tol}, 2\,\mathrm{se}(\Delta))$.
-5. **PSIS** $\hat k$ (`psis_khat`, Yao et al. 2018).
+4. **PSIS** $\hat k$ (`psis_khat`, Yao et al. 2018).
 
 The [`FitResult`][pyro_flows.inference.FitResult] draws importance-resampled posterior samples when
 $\hat k < 0.7$ and warns (once, at the end of the fit) otherwise.
@@ -50,11 +48,8 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoDiagonalNormal
-from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.optim.clipped_adam import ClippedAdam
-from torch import Tensor, nn
-from torch.distributions import biject_to
+from torch import Tensor
 
 from pyro_flows._validation import check_real, check_size
 from pyro_flows.diagnostics import (
@@ -66,8 +61,6 @@ from pyro_flows.diagnostics import (
 )
 from pyro_flows.guides import AutoFlow
 from pyro_flows.training import train
-from pyro_flows.transforms import build_flows
-from pyro_flows.transforms.linear import Triangular
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
@@ -79,9 +72,6 @@ logger = logging.getLogger(__name__)
 
 #: PSIS $\hat k$ at or above which the guide is not trusted (no resampling, a warning).
 KHAT_THRESHOLD = 0.7
-
-#: Draws of the ELBO estimate that chooses between the Laplace start and the cold start.
-_START_DRAWS = 256
 
 #: Parameter-store names of the guides of `fit` (one per guide, so fits never share parameters).
 _GUIDE_IDS = itertools.count()
@@ -105,7 +95,6 @@ class FitOptions:
         tol: ELBO gain (nats) over `plateau_window` steps below which the ELBO has plateaued.
         num_flows: affine IAF layers of the guide.
         hidden_dims: hidden layers of each IAF conditioner.
-        dense_laplace_max_dim: largest unconstrained dimension with a full-covariance Laplace start.
         khat_samples: importance draws of the PSIS $\hat k$.
 
     """
@@ -122,7 +111,6 @@ class FitOptions:
     tol: float = 0.05
     num_flows: int = 4
     hidden_dims: tuple[int, ...] = (32, 32)
-    dense_laplace_max_dim: int = 200
     khat_samples: int = 1000
 
     def __post_init__(self) -> None:
@@ -132,7 +120,6 @@ class FitOptions:
             "check_every",
             "plateau_window",
             "num_flows",
-            "dense_laplace_max_dim",
         ):
             check_size(getattr(self, name), f"FitOptions.{name}", minimum=0 if name == "num_flows" else 1)
         if self.khat_samples < 100:
@@ -273,152 +260,18 @@ class FitResult:
         return elbo_axis, pair_axes
 
 
-def _log_joint(
-    model: Callable[..., Any], prototype: AutoDiagonalNormal, args: tuple, kwargs: Mapping[str, Any]
-) -> Callable[[Tensor], Tensor]:
-    r"""$z \mapsto \log p(x, \theta(z)) + \log|\det \partial\theta / \partial z|$ on the packed latent vector."""
-
-    def log_joint(latent: Tensor) -> Tensor:
-        values, log_det = {}, latent.new_zeros(())
-        for site, unconstrained in prototype._unpack_latent(latent):
-            transform = biject_to(site["fn"].support)
-            value = transform(unconstrained)
-            values[site["name"]] = value
-            log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
-        return trace.log_prob_sum() + log_det
-
-    return log_joint
-
-
-def _find_map(log_joint: Callable[[Tensor], Tensor], init: Tensor) -> Tensor | None:
-    """The mode of `log_joint` by L-BFGS, else Adam from `init`; `None` if both end on non-finite values."""
-    latent = init.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [latent], max_iter=500, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = -log_joint(latent)
-        loss.backward()
-        return loss
-
-    try:
-        optimizer.step(closure)
-        with torch.no_grad():
-            value = log_joint(latent)
-        if bool(torch.isfinite(latent).all()) and math.isfinite(float(value)):
-            return latent.detach()
-        logger.info("L-BFGS ended on a non-finite value; finding the MAP with Adam")
-    except (RuntimeError, ValueError) as err:  # a failed line search or an out-of-support step
-        logger.info("L-BFGS failed (%s: %s); finding the MAP with Adam", type(err).__name__, err)
-    latent = init.detach().clone().requires_grad_(True)
-    try:
-        train(lambda _: -log_joint(latent), [latent], epochs=3000, lr=0.05, lr_schedule="cosine", progress=False)
-    except FloatingPointError as err:
-        logger.info("Adam stopped early: %s", err)
-    with torch.no_grad():
-        finite = math.isfinite(float(log_joint(latent)))
-    return latent.detach() if finite else None
-
-
-def _laplace_scales(
-    log_joint: Callable[[Tensor], Tensor], mode: Tensor, dense_max_dim: int
-) -> tuple[Tensor, Tensor] | None:
-    r"""Conditional sds $d$ and unit lower-triangular $U$ with $\Sigma = \mathrm{diag}(d)\, U U^\top \mathrm{diag}(d)$.
-
-    The factors of the Laplace Gaussian at `mode` (`None`: no curvature).
-
-    For $D \le$ `dense_max_dim`: $\Sigma = H^{-1}$ with the exact Hessian $H$ of $-\log p$ (eigenvalues clipped
-    at $10^{-8} \max|\lambda|$ when $H$ is not positive definite); above, the diagonal $\Sigma_{ii} = 1 / H_{ii}$
-    and an identity correlation factor.
-    """
-    dim = mode.numel()
-    point = mode.detach().clone().requires_grad_(True)
-    grad = torch.autograd.grad(-log_joint(point), point, create_graph=True)[0]
-    if dim > dense_max_dim:
-        diag = torch.stack([torch.autograd.grad(grad[i], point, retain_graph=True)[0][i] for i in range(dim)])
-        diag = diag.detach()
-        if not bool((torch.isfinite(diag) & (diag > 0)).all()):
-            return None
-        return diag.rsqrt(), torch.eye(dim, dtype=mode.dtype, device=mode.device)
-    rows = [torch.autograd.grad(grad[i], point, retain_graph=True)[0] for i in range(dim)]
-    hessian = torch.stack(rows).detach()
-    hessian = (hessian + hessian.T) / 2
-    if not bool(torch.isfinite(hessian).all()):
-        return None
-    precision_tril, info = torch.linalg.cholesky_ex(hessian)
-    if int(info) != 0:
-        eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
-        floor = 1e-8 * float(eigenvalues.abs().max())
-        if floor <= 0:
-            return None
-        logger.info("the Hessian at the MAP is not positive definite: its eigenvalues are clipped at %.3g", floor)
-        covariance = (eigenvectors / eigenvalues.clamp_min(floor)) @ eigenvectors.T
-    else:
-        covariance = torch.cholesky_inverse(precision_tril)
-    scale = torch.diagonal(covariance).sqrt()
-    corr = covariance / scale / scale.unsqueeze(-1)
-    corr_tril, info = torch.linalg.cholesky_ex((corr + corr.T) / 2)  # better conditioned than Σ's own factor
-    if int(info) != 0:
-        return None
-    # Σ = L Lᵀ with L = diag(σ) C = diag(d) U: conditional sds d = σ ⊙ diag(C) and a unit lower-triangular U, so
-    # that no diagonal of the guide's triangular layer has to represent a near-singular correlation
-    diag = torch.diagonal(corr_tril)
-    return scale * diag, corr_tril / diag.unsqueeze(-1)
-
-
-def _flow_layers(corr_tril: Tensor | None, num_flows: int, hidden_dims: Sequence[int]) -> Callable[[int], list[Any]]:
-    """`dim -> layers`: affine IAF layers (reversed between them), then a unit triangular layer set to `corr_tril`."""
-
-    def layers(dim: int) -> list[Any]:
-        flows: list[Any] = build_flows("iaf", dim, num_flows, hidden_dims=tuple(hidden_dims), gated=False)
-        correlate = Triangular(dim, bias=False)
-        if corr_tril is not None:
-            rows, cols = torch.tril_indices(dim, dim, -1)
-            with torch.no_grad():
-                correlate.lower.copy_(corr_tril[rows, cols])  # the diagonal stays at its initial 1
-        return [*flows, correlate]
-
-    return layers
-
-
-def _elbo_estimate(model: Callable[..., Any], guide: AutoFlow, args: tuple, kwargs: Mapping[str, Any]) -> float:
-    with torch.no_grad():
-        loss = Trace_ELBO(num_particles=_START_DRAWS, vectorize_particles=True).loss(model, guide, *args, **kwargs)
-    return -loss if math.isfinite(loss) else -math.inf
-
-
-def _start(
-    model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], options: FitOptions
-) -> tuple[AutoFlow, str]:
-    """The warm-started flow guide (Laplace start, else the cold start if its ELBO estimate is higher)."""
-    prototype = AutoDiagonalNormal(model, init_loc_fn=init_to_feasible)
-    prototype._setup_prototype(*args, **kwargs)
-    log_joint = _log_joint(model, prototype, args, kwargs)
-    mode = _find_map(log_joint, prototype.loc)
-    laplace = None if mode is None else _laplace_scales(log_joint, mode, options.dense_laplace_max_dim)
-    cold = AutoFlow(
+def _start(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], options: FitOptions) -> AutoFlow:
+    """The fit's flow guide, set up (MAP, Laplace, start choice: `AutoFlow`'s default ``start="laplace"``)."""
+    guide = AutoFlow(
         model,
-        flow=_flow_layers(None, options.num_flows, options.hidden_dims),
+        flow="iaf",
+        num_flows=options.num_flows,
+        hidden_dims=tuple(options.hidden_dims),
+        gated=False,
         name=f"pyro_flows_fit_{next(_GUIDE_IDS)}",
     )
-    if laplace is None:
-        logger.info("no Laplace approximation (no finite MAP or curvature): cold start")
-        return cold, "cold"
-    scale, corr_tril = laplace
-    prototype.loc = nn.Parameter(mode)
-    prototype.scale = scale
-    warm = AutoFlow.from_guide(
-        prototype,
-        model,
-        flow=_flow_layers(corr_tril, options.num_flows, options.hidden_dims),
-        name=f"pyro_flows_fit_{next(_GUIDE_IDS)}",
-    )
-    warm_elbo, cold_elbo = _elbo_estimate(model, warm, args, kwargs), _elbo_estimate(model, cold, args, kwargs)
-    logger.info("ELBO at the start: Laplace %.4g, cold %.4g", warm_elbo, cold_elbo)
-    return (warm, "laplace") if warm_elbo >= cold_elbo else (cold, "cold")
+    guide._setup_prototype(*args, **kwargs)
+    return guide
 
 
 def _plateaued(elbo: Sequence[float], window: int, tol: float) -> bool:
@@ -540,12 +393,12 @@ def fit(
     if options.seed is not None:
         pyro.set_rng_seed(options.seed)
     with pyro.get_param_store().scope():
-        guide, start = _start(model, args, kwargs, options)
+        guide = _start(model, args, kwargs, options)
         trace, converged = _run_svi(model, guide, args, kwargs, options, begin + options.max_seconds)
         khat = psis_khat(model, guide, *args, num_samples=options.khat_samples, **kwargs)
     logger.info(
         "fit: %s start, %d SVI steps (%s), k-hat %.2f, %.1f s",
-        start,
+        guide.start_used,
         len(trace.elbo),
         "converged" if converged else "stopped by a cap",
         khat,
@@ -562,7 +415,7 @@ def fit(
         guide=guide,
         khat=khat,
         elbo_trace=trace,
-        start=start,
+        start=guide.start_used,
         converged=converged,
         seconds=time.perf_counter() - begin,
         model=model,

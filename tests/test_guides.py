@@ -16,7 +16,13 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_median, init_to_value
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    init_to_median,
+    init_to_value,
+)
 from pyro.optim import Adam, ClippedAdam
 from torch import nn
 
@@ -79,7 +85,7 @@ DATA = torch.tensor([0.3, -0.2, 1.1, 0.4])
 
 
 def test_initial_distribution_is_autonormal():
-    guide = AutoFlow(constrained_model, flow=("lu", "leaky_relu"), num_flows=2, init_scale=0.05)
+    guide = AutoFlow(constrained_model, flow=("lu", "leaky_relu"), num_flows=2, init_scale=0.05, start="cold")
     guide(DATA)
     post = guide.get_posterior()
     z = post.rsample((4000,))
@@ -215,9 +221,93 @@ def test_warm_start_from_diagonal_normal_and_init_to_value():
     with pytest.raises(ValueError, match="been run"):
         AutoFlow.from_guide(AutoNormal(constrained_model))
     pyro.clear_param_store()  # guides of the same class share parameter names in the store
-    guide = AutoFlow(constrained_model, flow="triangular", init_loc_fn=init_to_value(values={"loc": torch.tensor(2.0)}))
+    values = {"loc": torch.tensor(2.0)}
+    guide = AutoFlow(constrained_model, flow="triangular", init_loc_fn=init_to_value(values=values), start="cold")
     guide(DATA)
     assert guide.loc[0].item() == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------------------ Laplace start
+def linear_gaussian_model(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Conjugate regression (known noise): the posterior of ``w`` is exactly Gaussian, strongly correlated."""
+    w = pyro.sample("w", dist.Normal(x.new_zeros(2), 10.0).to_event(1))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
+
+
+def exact_posterior(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    precision = x.T @ x / 0.25 + torch.eye(2, dtype=x.dtype) / 100.0
+    return precision, torch.linalg.inv(precision)
+
+
+def test_laplace_start_is_the_exact_gaussian_posterior():
+    """Default start: at step 0 the guide is N(MAP, H⁻¹), here the exact posterior (correlation ≈ -0.99)."""
+    torch.manual_seed(0)
+    x = torch.stack([torch.ones(50), 30.0 + torch.randn(50)], -1).double()  # an uncentred predictor
+    y = x @ torch.tensor([1.0, 0.5]).double() + 0.5 * torch.randn(50).double()
+    precision, covariance = exact_posterior(x)
+    guide = AutoIAF(linear_gaussian_model, gated=False)
+    guide(x, y)
+    assert guide.start_used == "laplace"
+    assert torch.allclose(guide.loc, torch.linalg.solve(precision, x.T @ y / 0.25), rtol=1e-5)
+    base = guide.get_transform(x, y).parts[-1]
+    assert torch.allclose(base.scale_tril @ base.scale_tril.T, covariance, rtol=1e-4)
+    assert covariance[0, 1] / covariance.diagonal().prod().sqrt() < -0.99
+    svi = SVI(linear_gaussian_model, guide, ClippedAdam({"lr": 1e-3}), Trace_ELBO(num_particles=4))
+    assert math.isfinite(svi.step(x, y))
+
+
+def test_laplace_start_falls_back_to_the_cold_start_at_a_degenerate_mode():
+    """Neal's funnel: the mode is at the neck (v → -∞), so the cold start wins (and no site leaks to the ELBO)."""
+
+    def funnel() -> None:
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(torch.zeros(4), torch.exp(v / 2)).to_event(1))
+
+    guide = AutoIAF(funnel, gated=False)
+    svi = SVI(funnel, guide, ClippedAdam({"lr": 1e-3}), Trace_ELBO(num_particles=4, vectorize_particles=True))
+    assert math.isfinite(svi.step())
+    assert guide.start_used == "cold"
+    assert torch.allclose(guide.scale, torch.full((5,), 0.1), atol=1e-3)
+
+
+def test_start_options_are_checked_and_saved_with_the_checkpoint():
+    with pytest.raises(ValueError, match="start must be"):
+        AutoIAF(constrained_model, start="map")
+    cold = AutoIAF(constrained_model, start="cold")
+    cold(DATA)
+    pyro.clear_param_store()
+    laplace = AutoIAF(constrained_model)
+    laplace(DATA)
+    with pytest.raises(ValueError, match="start"):
+        laplace.load_state_dict(cold.state_dict())
+
+
+def test_warm_start_from_a_multivariate_normal_keeps_its_correlations():
+    torch.manual_seed(1)
+    x = torch.stack([torch.ones(20), 10.0 + torch.randn(20)], -1)
+    y = x @ torch.tensor([1.0, 0.5]) + 0.5 * torch.randn(20)
+    mvn = AutoMultivariateNormal(linear_gaussian_model)
+    mvn(x, y)
+    with torch.no_grad():
+        mvn.scale_tril_unconstrained.add_(0.3 * torch.randn(2, 2).tril(-1))
+    flow = AutoFlow.from_guide(mvn, flow="iaf", gated=False)
+    flow(x, y)
+    assert flow.start_used == "guide"
+    base = flow.get_transform(x, y).parts[-1]
+    expected = mvn.scale.unsqueeze(-1) * mvn.scale_tril
+    assert torch.allclose(base.scale_tril, expected, atol=1e-6)
+
+
+def test_a_diverged_guide_says_so_at_the_next_step():
+    """A non-finite step leaves NaN parameters; the next call names the problem and what to try."""
+    guide = AutoIAF(constrained_model)
+    svi = SVI(constrained_model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step(DATA)
+    with torch.no_grad():
+        guide.loc_shift[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"diverged.*smaller learning rate"):
+        svi.step(DATA)
 
 
 def test_device_follows_model_and_to():
@@ -246,7 +336,7 @@ def test_presets_start_at_autonormal(name):
     """At step 0 the guide is N(loc, init_scale²): its log-density of its own draws matches."""
     # AutoIAF's default gated update starts at the contraction sigmoid(3) ≈ 0.95; its affine update is the identity
     extra = {"gated": False} if name == "AutoIAF" else {}
-    guide = PRESETS[name](constrained_model, init_scale=0.1, **extra)
+    guide = PRESETS[name](constrained_model, init_scale=0.1, start="cold", **extra)
     guide(DATA)
     post = guide.get_posterior()
     with torch.no_grad():
@@ -332,7 +422,9 @@ def test_flow_optim_args_gives_the_flows_a_scaled_learning_rate():
     base_rates = {name: lr for name, lr in rates.items() if name not in flow_rates}
     assert len(flow_rates) == sum(1 for _ in guide.flows.parameters())
     assert list(flow_rates.values()) == pytest.approx([0.01 * 0.1] * len(flow_rates))
-    assert set(base_rates) == {"AutoIAF.loc", "AutoIAF.scale"} and set(base_rates.values()) == {0.01}
+    assert set(base_rates) == {"AutoIAF.loc_shift", "AutoIAF.scale", "AutoIAF.unit_tril"} and set(
+        base_rates.values()
+    ) == {0.01}
     assert flow_optim_args(0.02, 0.5, betas=(0.9, 0.9))("AutoIAF.flows.0.bias") == {"betas": (0.9, 0.9), "lr": 0.01}
     with pytest.raises(ValueError, match="flow_lr_scale"):
         flow_optim_args(0.01, 0.0)
@@ -466,7 +558,9 @@ def test_dimension_sized_options_are_checked_against_the_model():
 
 @pytest.mark.parametrize("name", AVAILABLE)
 def test_presets_accept_every_autoflow_argument(name):
-    guide = PRESETS[name](vector_model, num_flows=2, init_loc_fn=init_to_median, init_scale=0.3, permutation=None)
+    guide = PRESETS[name](
+        vector_model, num_flows=2, init_loc_fn=init_to_median, init_scale=0.3, permutation=None, start="cold"
+    )
     guide()
     assert torch.allclose(guide.scale, torch.full((5,), 0.3))
     assert not any(isinstance(layer, Permutation) for layer in guide.flows)
@@ -593,8 +687,8 @@ def test_two_guides_of_one_class_keep_their_parameters_apart_by_name():
         for _ in range(60):
             svi.step()
     store = pyro.get_param_store()
-    assert {"guide_a.loc", "guide_b.loc"} <= set(store.keys()) and "AutoIAF.loc" not in store
-    assert store["guide_a.loc"].shape == (2,) and store["guide_b.loc"].shape == (3,)
+    assert {"guide_a.loc_shift", "guide_b.loc_shift"} <= set(store.keys()) and "AutoIAF.loc_shift" not in store
+    assert store["guide_a.loc_shift"].shape == (2,) and store["guide_b.loc_shift"].shape == (3,)
     assert guide_a.median()["a"].abs().max() < 1.0 and (guide_b.median()["b"] > 2.0).all()
     assert AutoIAF(model_a)._pyro_name == "AutoIAF"
 

@@ -6,12 +6,22 @@ dimensions), and models it as
 
 $$
 \varepsilon \sim \mathcal{N}(0, I_D), \qquad u = f_K \circ \dots \circ f_1(\varepsilon), \qquad
-z = \mu + \sigma \odot u,
+z = \mu + \mathrm{diag}(\sigma)\, U u,
 $$
 
-with a learnable affine base ($\mu$ from ``init_loc_fn``, $\sigma > 0$ starting at ``init_scale``) and
-flows $f_k$ that start at (or near) the identity. At step 0 the guide is therefore AutoNormal's initial
-distribution $\mathcal{N}(\mu, \mathrm{diag}\,\sigma^2)$, and the flows only add what a diagonal Gaussian misses.
+with a learnable affine base: $\mu$, $\sigma > 0$ and, for $D \le$ `AutoFlow.dense_max_dim` (200), a unit
+lower-triangular $U$ (so the base alone is a full-covariance Gaussian, $\Sigma = \mathrm{diag}(\sigma) U U^\top
+\mathrm{diag}(\sigma)$; above, $U = I$), and flows $f_k$ that start at (or near) the identity.
+
+**Where it starts.** By default (``start="laplace"``) the first call finds the MAP $\hat z$ of the model's log
+joint in these coordinates and sets the base to the Laplace Gaussian $\mathcal{N}(\hat z, H^{-1})$
+([`pyro_flows.guides.laplace`][pyro_flows.guides.laplace]: L-BFGS, then the exact Hessian; its diagonal above
+`dense_max_dim`), so at step 0 the guide is the Laplace approximation and the flows only add what it misses
+(skewness, varying scales, heavy tails). Where the MAP is degenerate (a funnel's mode sits at its neck) or
+missing, the *cold start* is kept: $\mu$ from ``init_loc_fn``, $\sigma$ = ``init_scale``, $U = I$,
+AutoNormal's initial distribution; the start with the higher ELBO estimate ($n = 64$ draws) wins, and
+``guide.start_used`` says which. ``start="cold"`` skips the MAP (for a model whose log joint is expensive or a
+start the user sets through ``init_loc_fn``).
 
 **Where the flows act.** The flows act on the *standardized* coordinates $u$, before the affine map. Their
 parameters are then scale-free: a planar or Sylvester layer bends an $O(1)$ cloud whatever the posterior scale
@@ -29,22 +39,29 @@ scoring the guide's own draws (what every ELBO does) costs no inverse pass.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyro.distributions as dist
 import torch
-from pyro.infer.autoguide import AutoContinuous, AutoNormal, init_to_feasible
+from pyro.infer.autoguide import AutoContinuous, AutoMultivariateNormal, AutoNormal, init_to_feasible
 from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import Transform, biject_to
 
+from pyro_flows.guides.laplace import find_map, laplace_factors, log_joint_fn
 from pyro_flows.transforms.stack import PermutationRule, build_flows, flow_names
 
 __all__ = ["ONE_DIM_FAMILIES", "AutoFlow", "FlowSpec", "flow_optim_args", "guide_flows"]
+
+logger = logging.getLogger(__name__)
+
+#: Guide draws of the ELBO estimates that choose between the Laplace start and the cold start.
+START_DRAWS = 64
 
 #: What ``flow`` may be: a registry name, a block of registry names repeated ``num_flows`` times, or a callable
 #: ``dim -> list of transforms``.
@@ -147,26 +164,25 @@ class AutoFlow(AutoContinuous):
     A model with a single scalar latent (D = 1) works with every flow: coupling families, which need two
     coordinates, are then replaced by element-wise ones (see `guide_flows`).
 
-    Recommended workflow for hard posteriors: fit ``AutoNormal`` (cheap, robust), then warm-start a flow guide
-    from it with [`from_guide`][pyro_flows.guides.autoflow.AutoFlow.from_guide] (its location and per-coordinate scales
-    become the affine base, so the flows start from the fitted Gaussian and only learn the non-Gaussian part).
-    ``init_loc_fn=init_to_value(values=...)`` from a MAP fit is the lighter alternative.
+    The guide starts at the Laplace approximation (see the module documentation; ``start="cold"`` for
+    AutoNormal's start). To start at another fitted Gaussian guide (an ``AutoNormal``, an
+    ``AutoMultivariateNormal``, Pyro's ``AutoLaplaceApproximation``), use
+    [`from_guide`][pyro_flows.guides.autoflow.AutoFlow.from_guide].
 
-    **Learning rates.** From a cold start the affine base should do the bulk of the work early (where the
-    posterior is, how wide) while the flows refine its shape without injecting gradient noise, so give the flows a
-    smaller learning rate through the optimizer with [`flow_optim_args`][pyro_flows.guides.autoflow.flow_optim_args]:
+    **Learning rates.** From the Laplace start one learning rate for every parameter works (the suite of
+    ``docs/posterior-suite.md`` trains with ClippedAdam at 1e-2 decaying to 1e-3). From a cold start the affine
+    base should do the bulk of the work early (where the posterior is, how wide) while the flows refine its shape,
+    so give the flows a smaller learning rate through the optimizer with
+    [`flow_optim_args`][pyro_flows.guides.autoflow.flow_optim_args]:
     ``pyro.optim.Adam(flow_optim_args(0.01, flow_lr_scale=0.1))`` (``0.01`` for the wide conditioners of
     [`AutoSplineCoupling`][pyro_flows.guides.presets.AutoSplineCoupling]); with one learning rate for everything,
-    flows can fall behind AutoNormal early or diverge with one particle (measurements: ``benchmarks/README.md``).
-    After
-    [`from_guide`][pyro_flows.guides.autoflow.AutoFlow.from_guide] the base is already fitted and one learning rate for
-    everything is fine.
+    cold-started flows can fall behind AutoNormal early or diverge with one particle (``benchmarks/README.md``).
 
     **Checkpoints.** ``state_dict`` stores the guide's construction settings (``flow``, ``num_flows``, the flow
-    options, ``permutation``, ``init_scale``) besides the parameters, and ``load_state_dict`` into a guide built
-    with other settings raises a ``ValueError`` naming the ones that differ. ``torch.save(guide)``, ``pickle`` and
-    ``copy.deepcopy`` work on a trained guide (the model, and a callable ``flow``, must be picklable: module-level
-    functions, not lambdas).
+    options, ``permutation``, ``init_scale``, ``start``) besides the parameters, and ``load_state_dict`` into a
+    guide built with other settings raises a ``ValueError`` naming the ones that differ. ``torch.save(guide)``,
+    ``pickle`` and ``copy.deepcopy`` work on a trained guide (the model, and a callable ``flow``, must be picklable:
+    module-level functions, not lambdas).
 
     **Pitfalls inherited from Pyro's autoguides.** Reloading Pyro's parameter store
     (`pyro.get_param_store().load(path)`) restores parameter values, not the guide: the flows' structure (families,
@@ -185,15 +201,16 @@ class AutoFlow(AutoContinuous):
             [`build_flows`][pyro_flows.transforms.stack.build_flows], the same layers as the amortized guide and the
             density estimator build from the same spec); ``0`` leaves a diagonal Gaussian (with a warning).
             Default: the class's `num_flows`.
-        init_loc_fn: per-site initialization of $\mu$ (see Pyro's ``autoguide.initialization``). The
-            default, ``init_to_feasible``, is AutoNormal's (so step 0 is exactly AutoNormal's initial
-            distribution) and is deterministic; ``init_to_median`` (Pyro's ``AutoContinuous`` default) takes the
-            median of 15 prior draws, whose noise costs ELBO early on (``benchmarks/README.md``).
-        init_scale: initial $\sigma$ (a positive float for every coordinate).
+        init_loc_fn: per-site initialization of $\mu$ for the cold start, and the MAP search's starting point
+            (see Pyro's ``autoguide.initialization``). The default, ``init_to_feasible``, is AutoNormal's and is
+            deterministic; ``init_to_median`` (Pyro's ``AutoContinuous`` default) takes the median of 15 prior
+            draws.
+        init_scale: $\sigma$ of the cold start (a positive float for every coordinate).
         permutation: the permutation rule between blocks: ``"auto"`` (a reversal where a family of the block
             needs one: autoregressive, coupling, triangular), ``"reverse"``, ``"random"`` or ``None`` (none).
         name: the prefix of the guide's parameters in Pyro's parameter store (default: the class name); give
             two guides of one class different names to keep their parameters apart.
+        start: ``"laplace"`` (the Laplace approximation where it beats the cold start) or ``"cold"``.
         **flow_kwargs: options of the families of the block (e.g. ``hidden_dims``); each goes to every family
             that accepts it. They are checked here, at construction: an option no family accepts raises a
             ``TypeError`` and a bad value a ``ValueError``, both naming it (options sized by the model's dimension,
@@ -202,7 +219,7 @@ class AutoFlow(AutoContinuous):
     Raises:
         KeyError: an unknown family.
         TypeError: a bad ``flow``, an unknown option, or options given with a callable ``flow``.
-        ValueError: a bad ``num_flows``, ``init_scale``, ``permutation`` or option value.
+        ValueError: a bad ``num_flows``, ``init_scale``, ``permutation``, ``start`` or option value.
 
     Examples:
         >>> import pyro, pyro.distributions as dist, torch
@@ -226,6 +243,9 @@ class AutoFlow(AutoContinuous):
     num_flows: ClassVar[int] = 2
     #: Number of (fixed-seed) draws used by `median` and `quantiles`.
     num_quantile_samples: int = 4096
+    #: Largest latent dimension with a full-covariance base (the unit triangular factor $U$) and a dense Laplace
+    #: start; above it the base is diagonal and the Laplace start uses the Hessian's diagonal.
+    dense_max_dim: ClassVar[int] = 200
 
     def __init__(
         self,
@@ -236,10 +256,13 @@ class AutoFlow(AutoContinuous):
         init_scale: float = 0.1,
         permutation: PermutationRule = "auto",
         name: str | None = None,
+        start: Literal["laplace", "cold"] = "laplace",
         **flow_kwargs: Any,
     ) -> None:
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0:
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        if start not in ("laplace", "cold"):
+            raise ValueError(f"start must be 'laplace' or 'cold', got {start!r}")
         flow = self.flow if flow is None else flow
         if callable(flow):
             given = ["num_flows"] * (num_flows is not None) + ["permutation"] * (permutation != "auto") + [*flow_kwargs]
@@ -260,8 +283,10 @@ class AutoFlow(AutoContinuous):
             if num_flows == 0:
                 warnings.warn(f"{type(self).__name__} with num_flows=0 is a diagonal Gaussian guide.", stacklevel=2)
         settings = {"flow": flow, "num_flows": num_flows, "flow_kwargs": flow_kwargs, "permutation": permutation}
-        self._settings = _plain({**settings, "init_scale": float(init_scale)})
-        self._warm_start: tuple[Tensor, Tensor] | None = None
+        self._settings = _plain({**settings, "init_scale": float(init_scale), "start": start})
+        self._warm_start: tuple[Tensor, Tensor, Tensor | None] | None = None
+        #: How the base was initialized at the first call: ``"laplace"``, ``"cold"`` or ``"guide"`` (`from_guide`).
+        self.start_used: str | None = None
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._pyro_name = name or type(self).__name__
 
@@ -270,11 +295,14 @@ class AutoFlow(AutoContinuous):
     def from_guide(
         cls, guide: AutoNormal | AutoContinuous, model: Callable[..., Any] | None = None, **kwargs: Any
     ) -> AutoFlow:
-        r"""A flow guide whose affine base starts at a fitted Gaussian guide's location and marginal scales.
+        r"""A flow guide whose affine base starts at a fitted Gaussian guide's location and scales.
 
         The returned guide's $(\mu, \sigma)$ are copies of the unconstrained locations and per-coordinate
-        scales of ``guide`` (an `AutoNormal` or any ``AutoContinuous`` Gaussian guide,
-        e.g. ``AutoDiagonalNormal``), and its flows start at the identity, so its initial ELBO is the fitted one.
+        scales of ``guide`` (an `AutoNormal` or any ``AutoContinuous`` Gaussian guide, e.g.
+        ``AutoDiagonalNormal``); from an ``AutoMultivariateNormal`` (or the Gaussian of Pyro's
+        ``AutoLaplaceApproximation.laplace_approximation``) the correlations are copied too, into the base's unit
+        triangular factor $U$ (for $D \le$ `dense_max_dim`). The flows start at the identity, so the initial
+        guide is the fitted Gaussian (no Laplace start is run).
 
         Args:
             guide: a guide that has been run at least once (its parameters exist).
@@ -289,16 +317,19 @@ class AutoFlow(AutoContinuous):
             raise ValueError("from_guide needs a guide that has been run (e.g. trained with SVI) at least once")
         if "init_scale" in kwargs:
             raise ValueError("from_guide takes the scales from the guide; do not pass init_scale")
+        unit_tril = None
         if isinstance(guide, AutoNormal):
             pairs = [guide._get_loc_and_scale(name) for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
             loc, scale = (torch.cat([pair[i].reshape(-1) for pair in pairs]) for i in (0, 1))
+        elif isinstance(guide, AutoMultivariateNormal) and guide.latent_dim <= cls.dense_max_dim:
+            loc, scale, unit_tril = guide.loc, guide.scale, guide.scale_tril
         else:
             try:
                 loc, scale = guide._loc_scale()
             except (AttributeError, NotImplementedError):
                 raise ValueError(f"{type(guide).__name__} has no location and scale to warm-start from") from None
         new = cls(model if model is not None else guide.model, **kwargs)
-        new._warm_start = (loc.detach().clone(), scale.detach().clone())
+        new._warm_start = tuple(None if v is None else v.detach().clone() for v in (loc, scale, unit_tril))
         return new
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -313,19 +344,90 @@ class AutoFlow(AutoContinuous):
                     )
         loc = self._init_loc()
         scale = torch.full_like(loc, self._settings["init_scale"])
-        if self._warm_start is not None:
-            if (size := self._warm_start[0].numel()) != self.latent_dim:
-                raise ValueError(f"the warm start has {size} unconstrained dimensions, the model {self.latent_dim}")
-            loc, scale = (value.to(loc) for value in self._warm_start)
-        self.loc = nn.Parameter(loc)
-        self.scale = PyroParam(scale, dist.constraints.softplus_positive)
+        unit_tril = torch.eye(self.latent_dim).to(loc) if self.latent_dim <= self.dense_max_dim else None
         layers = list(self._make_flows(self.latent_dim))
         bad = sorted({type(f).__name__ for f in layers if not (isinstance(f, Transform) and isinstance(f, nn.Module))})
         if bad:
             raise TypeError(f"the flow callable must return transform modules (Transform and nn.Module), got {bad}")
-        self.flows = nn.ModuleList(layers).to(device=loc.device, dtype=loc.dtype)
+        flows = nn.ModuleList(layers).to(device=loc.device, dtype=loc.dtype)
+        self.start_used, unit = "cold", torch.ones_like(loc)
+        if self._warm_start is not None:
+            if (size := self._warm_start[0].numel()) != self.latent_dim:
+                raise ValueError(f"the warm start has {size} unconstrained dimensions, the model {self.latent_dim}")
+            loc, scale = (value.to(loc) for value in self._warm_start[:2])
+            if unit_tril is not None and self._warm_start[2] is not None:
+                unit_tril = self._warm_start[2].to(loc)
+            self.start_used = "guide"
+        elif self._settings["start"] == "laplace":
+            loc, scale, unit_tril = self._laplace_start(flows, (loc, scale, unit_tril), args, kwargs)
+        if self.start_used != "cold":
+            unit = scale.clone()
+        self.register_buffer("loc_origin", loc)
+        self.register_buffer("loc_unit", unit)
+        self.loc_shift = nn.Parameter(torch.zeros_like(loc))
+        self.scale = PyroParam(scale, dist.constraints.softplus_positive)
+        if unit_tril is not None:
+            self.unit_tril = nn.Parameter(unit_tril)
+        self.flows = flows
         # a family fact, read once: every access to ``self.flows`` re-registers it in Pyro's param store
         self._untraceable = sorted({type(f).__name__ for f in layers if not getattr(f, "traceable", True)})
+
+    @property
+    def loc(self) -> Tensor:
+        r"""The base location $\mu = c + s \odot \delta$.
+
+        $\delta$ is the learned shift (``loc_shift``, 0 at the start) in units $s$ (``loc_unit``) from the
+        starting point $c$ (``loc_origin``). The units are the starting scales $\sigma_0$ of a Laplace or
+        `from_guide` start and 1 for the cold start. An optimizer's step on $\delta$ then moves $\mu$ by a
+        fraction of the posterior's width on every coordinate: Adam's steps have the size of the learning rate
+        whatever the gradient's scale, so on $\mu$ itself a rate of $10^{-3}$ is a random walk of a tenth of the
+        posterior sd per step for a coordinate of sd $10^{-2}$ (an AR coefficient, a regression slope), and the
+        means end that far off.
+        """
+        return self.loc_origin + self.loc_unit * self.loc_shift
+
+    @staticmethod
+    def _base_transform(loc: Tensor, scale: Tensor, unit_tril: Tensor | None) -> Transform:
+        r"""$u \mapsto \mu + \mathrm{diag}(\sigma)\, U u$ (``unit_tril`` read below its diagonal; ``None``: $U = I$)."""
+        if unit_tril is None:
+            return dist.transforms.AffineTransform(loc, scale, event_dim=1, cache_size=1)
+        eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
+        return dist.transforms.LowerCholeskyAffine(loc, scale.unsqueeze(-1) * (unit_tril.tril(-1) + eye), cache_size=1)
+
+    def _elbo_estimate(self, flows: nn.ModuleList, base: tuple, args: tuple, kwargs: Mapping[str, Any]) -> float:
+        r"""$\frac1n \sum_i \log p(x, z_i) - \log q(z_i)$ over `START_DRAWS` draws (one model call each).
+
+        ``q`` is the guide with the given ``flows`` and base ``(loc, scale, unit_tril)``.
+        """
+        log_joint = log_joint_fn(self.model, self, args, kwargs)
+        loc = base[0]
+        with torch.no_grad():
+            normal = dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
+            posterior = dist.TransformedDistribution(normal, [*flows, self._base_transform(*base)])
+            draws = posterior.sample((START_DRAWS,))
+            estimate = float((torch.stack([log_joint(z) for z in draws]) - posterior.log_prob(draws)).mean())
+        return estimate if math.isfinite(estimate) else -math.inf
+
+    def _laplace_start(
+        self, flows: nn.ModuleList, cold: tuple[Tensor, Tensor, Tensor | None], args: tuple, kwargs: Mapping[str, Any]
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        r"""The base at the Laplace Gaussian of the MAP where its ELBO estimate beats the cold base's, else ``cold``.
+
+        The Laplace factors are dense exactly when the base has its triangular factor ($D \le$ `dense_max_dim`).
+        """
+        log_joint = log_joint_fn(self.model, self, args, kwargs)
+        mode = find_map(log_joint, cold[0])
+        factors = None if mode is None else laplace_factors(log_joint, mode, self.dense_max_dim)
+        if factors is None:
+            logger.info("%s: no Laplace start (no finite MAP or curvature): cold start", self._pyro_name)
+            return cold
+        laplace = (mode, *factors)
+        laplace_elbo, cold_elbo = (self._elbo_estimate(flows, base, args, kwargs) for base in (laplace, cold))
+        logger.info("%s: ELBO at the start: Laplace %.4g, cold %.4g", self._pyro_name, laplace_elbo, cold_elbo)
+        if laplace_elbo < cold_elbo:
+            return cold
+        self.start_used = "laplace"
+        return laplace
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def get_extra_state(self) -> dict[str, Any]:
@@ -347,16 +449,30 @@ class AutoFlow(AutoContinuous):
     # ------------------------------------------------------------------------------------------------ the posterior
     def get_base_dist(self) -> dist.TorchDistribution:
         r"""The standard normal $\mathcal{N}(0, I_D)$ on the device and dtype of the guide's parameters."""
-        zeros = torch.zeros_like(self.loc)  # one parameter lookup (each one goes through Pyro's param store)
+        zeros = torch.zeros_like(self.loc_origin)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def _transforms(self, *args: Any, **kwargs: Any) -> list[Transform]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        return [*self.flows, dist.transforms.AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)]
+        loc, scale = self.loc, self.scale
+        if not torch.jit.is_tracing() and not bool(torch.isfinite(loc).all() & torch.isfinite(scale).all()):
+            raise FloatingPointError(
+                f"{self._pyro_name}'s parameters are not finite: an optimizer step diverged (a non-finite loss or "
+                "gradient). Restart with a smaller learning rate, flow_optim_args(lr, flow_lr_scale=0.1) or more "
+                "particles, or train with pyro_flows.diagnostics.fit_svi, which stops at the first non-finite step "
+                "and keeps the last finite parameters"
+            )
+        return [*self.flows, self._base_transform(loc, scale, getattr(self, "unit_tril", None))]
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
-        r"""The map $\varepsilon \mapsto \mu + \sigma \odot f(\varepsilon)$ as one transform."""
+        r"""The map $\varepsilon \mapsto \mu + \mathrm{diag}(\sigma)\, U f(\varepsilon)$ as one transform.
+
+        Raises:
+            FloatingPointError: the base's parameters are not finite (an optimizer step diverged); the message
+                says what to try.
+
+        """
         return dist.transforms.ComposeTransform(self._transforms(*args, **kwargs))
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
@@ -375,7 +491,7 @@ class AutoFlow(AutoContinuous):
         """`num_quantile_samples` unconstrained latents from a fixed-seed base draw (reproducible summaries)."""
         transform = self.get_transform(*args, **kwargs)
         eps = torch.randn(self.num_quantile_samples, self.latent_dim, generator=torch.Generator().manual_seed(0))
-        return transform(eps.to(self.loc))
+        return transform(eps.to(self.loc_origin))
 
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
         """Split ``(..., D)`` latents into the sites' constrained values of shape ``(...) + site shape``."""
