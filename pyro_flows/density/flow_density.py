@@ -37,7 +37,8 @@ the other direction, which may be sequential (O(D) passes) or unavailable;
 case.
 
 Training is [`fit_density`][pyro_flows.density.fit.fit_density]
-([`FlowDensity.fit`][pyro_flows.density.flow_density.FlowDensity.fit] delegates to it).
+([`FlowDensity.fit`][pyro_flows.density.flow_density.FlowDensity.fit] delegates to it): from arrays or from a
+``DataLoader``, in one process or data-parallel under ``torchrun``, resumable from a checkpoint.
 
 References: Papamakarios, Pavlakou, Murray (2017), *Masked Autoregressive Flow for Density Estimation*;
 Dinh, Sohl-Dickstein, Bengio (2017), *Density estimation using Real NVP*.
@@ -296,13 +297,23 @@ class FlowDensity(nn.Module):
         return points, context
 
     def _set_standardization(self, x: Tensor, context: Tensor | None) -> None:
-        def stats(values: Tensor) -> tuple[Tensor, Tensor]:
-            scale = values.std(0, correction=0)  # 0 for a single row: then 1, as for every constant coordinate
-            return values.mean(0), torch.where(scale > 1e-12, scale, torch.ones_like(scale))
+        """Standardize with the mean and standard deviation (divisor $n$) of the rows of ``x`` (and ``context``)."""
 
-        self.data_shift, self.data_scale = stats(x)
+        def moments(values: Tensor) -> tuple[Tensor, Tensor]:
+            return values.mean(0), values.std(0, correction=0)
+
+        self._use_moments(moments(x), None if context is None else moments(context))
+
+    def _use_moments(self, data: tuple[Tensor, Tensor], context: tuple[Tensor, Tensor] | None) -> None:
+        """Store ``(mean, sd)`` of the data (and context) as the standardization, in the module's dtype."""
+
+        def shift_scale(mean: Tensor, sd: Tensor) -> tuple[Tensor, Tensor]:
+            # sd is 0 for a single row: then 1, as for every constant coordinate
+            return mean.to(self.data_shift), torch.where(sd > 1e-12, sd, torch.ones_like(sd)).to(self.data_shift)
+
+        self.data_shift, self.data_scale = shift_scale(*data)
         if context is not None:
-            self.context_shift, self.context_scale = stats(context)
+            self.context_shift, self.context_scale = shift_scale(*context)
         self.standardized.fill_(True)
 
     def evaluate(self, x: ArrayLike, context: ArrayLike | None = None, batch_size: int = EVAL_BATCH) -> float:
@@ -327,8 +338,11 @@ class FlowDensity(nn.Module):
     def fit(self, x: ArrayLike, context: ArrayLike | None = None, **options: Any) -> FitHistory:
         """Fit by maximum likelihood: ``fit_density(self, x, context, **options)``.
 
-        See [`fit_density`][pyro_flows.density.fit.fit_density] for the options (``epochs``, ``batch_size``, ``lr``,
-        ``validation_fraction``, ``patience``, ``lr_schedule``, ``grad_clip``, ``progress``, ``seed``, ...).
+        ``x`` is an array or a ``DataLoader`` of batches (one pass per epoch); under ``torchrun`` the fit is
+        data-parallel across the processes, and ``checkpoint=path`` makes it resumable. See
+        [`fit_density`][pyro_flows.density.fit.fit_density] for these and the other options (``epochs``,
+        ``batch_size``, ``lr``, ``validation_fraction``, ``patience``, ``lr_schedule``, ``grad_clip``, ``progress``,
+        ``seed``, ``distributed``, ...).
         """
         return fit_density(self, x, context, **options)
 

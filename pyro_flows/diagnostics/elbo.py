@@ -1,8 +1,30 @@
-"""Fit a guide with SVI while recording the ELBO trace, and plot the trace with one call."""
+r"""Fit a guide with SVI while recording the ELBO trace (in one process or data-parallel), and plot the trace.
+
+Data-parallel SVI. Under ``torchrun --nproc_per_node=W`` each rank runs the same script on its own shard of the data,
+with the model written as for one process: its data plate covers the rank's shard $S_r$ (its ``size`` is the shard's,
+with or without ``subsample_size``). [`fit_svi`][pyro_flows.diagnostics.elbo.fit_svi] with
+``shard_plate="that plate's name"`` multiplies the log-densities of the sites inside that plate (model and guide) by
+$W$, so that rank $r$ minimizes
+
+$$
+L_r = \mathbb E_q\left[\log q(z) - \log p(z)\right] - W \sum_{i \in S_r} \mathbb E_q \log p(x_i \mid z)
+$$
+
+(the shard's sum being estimated from the subsample as usual), and averages the gradients over the ranks after each
+step: $\frac1W \sum_r L_r$ is (an unbiased estimate of) the full data's negative ELBO, each rank contributing its
+shard's likelihood once and the global terms once in all, whatever the sizes of the shards. Every rank thus takes the
+same step and the parameters stay identical (they start from rank 0's values: a guide whose set-up looks at the data,
+such as `AutoFlow`'s Laplace start, starts from rank 0's shard). With the same random seed on every rank and a guide
+whose set-up does not depend on the data (e.g. ``AutoFlow(..., start="cold")``), the draws of the global latents
+coincide: without subsampling, the run is then the one-process run on all the data (up to rounding). With different
+draws per rank (another seed per rank, e.g. ``seed + rank``, or a data-dependent set-up) each step also averages $W$
+independent draws.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +37,11 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
+from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
-from pyro_flows.training import check_options, make_adam, train
+from pyro_flows._validation import check_size
+from pyro_flows.training import Checkpoint, World, check_options, make_adam, train
 
 __all__ = ["ELBOTrace", "fit_svi", "plot_elbo"]
 
@@ -78,6 +102,23 @@ def _torch_optimizer(optim: PyroOptim, params: list[Tensor]) -> torch.optim.Opti
     return optim.pt_optim_constructor(params, **optim.pt_optim_args)
 
 
+class _ScalePlate(Messenger):
+    """Multiply the log-densities of the sample sites in the plate ``name`` by ``factor``; record the plates seen."""
+
+    def __init__(self, name: str, factor: float) -> None:
+        super().__init__()
+        self.name, self.factor = name, factor
+        self.plates: set[str] = set()
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] != "sample":
+            return
+        names = {frame.name for frame in msg["cond_indep_stack"]}
+        self.plates |= names
+        if self.name in names:
+            msg["scale"] = self.factor * msg["scale"]
+
+
 def fit_svi(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -91,6 +132,10 @@ def fit_svi(
     clear_param_store: bool = False,
     grad_clip: float | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
+    shard_plate: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
     **kwargs: Any,
 ) -> ELBOTrace:
     """Run ``num_steps`` of SVI on ``(model, guide)`` and return the ELBO trace.
@@ -100,6 +145,12 @@ def fit_svi(
     of the loss registers in Pyro's parameter store. A non-finite loss or gradient stops the run with a
     ``FloatingPointError`` naming the step; the parameters are left at their last finite values (those of the last step
     whose loss and gradient were finite).
+
+    Under ``torchrun`` (a process group of several processes, see ``distributed``) the fit is data-parallel: each
+    rank passes its own shard of the data in ``args``/``kwargs`` and names the plate over it in ``shard_plate`` (see
+    the module documentation for the loss); the parameters start from rank 0's values, each step's gradients are
+    averaged over the ranks (one all-reduce, together with the loss), and the recorded ELBO is the full data's. Only
+    rank 0 shows the progress bar and writes the checkpoint.
 
     Args:
         model: the Pyro model.
@@ -116,15 +167,28 @@ def fit_svi(
         vectorize_particles: vectorize the particles of the default loss.
         clear_param_store: clear Pyro's parameter store before fitting.
         grad_clip: clip the total gradient norm to this value (``None``: no clipping).
-        progress: show a ``tqdm`` bar over the steps with the running loss.
+        progress: show a ``tqdm`` bar over the steps with the running loss (on rank 0).
+        distributed: ``None``: data-parallel when run in a process group of several processes (an initialized one,
+            or the environment of ``torchrun --nproc_per_node=W`` with ``W > 1``, then initialized with gloo on CPU
+            and NCCL on CUDA); ``True``: the same, an error outside one; ``False``: this process alone.
+        shard_plate: data-parallel only, and then required: the name of the plate whose data are split across the
+            ranks (the log-densities of its sites are multiplied by the number of ranks).
+        checkpoint: a file to save the run's state to every ``checkpoint_every`` steps and to resume from (the
+            parameter values, the optimizer state, the step, the trace and every rank's random state; see
+            [`Checkpoint`][pyro_flows.training.Checkpoint]): a killed run restarted with the same arguments ends as
+            the uninterrupted one.
+        checkpoint_every: steps between checkpoints.
         **kwargs: model/guide keyword arguments.
 
     Returns:
-        The ELBO trace of the run.
+        The ELBO trace of the run (identical on every rank).
 
     Raises:
-        ValueError: ``num_steps`` is negative, or a bad ``lr`` / ``grad_clip`` (named in the message).
-        TypeError: a loss without ``differentiable_loss``, or an unsupported Pyro optimizer.
+        ValueError: ``num_steps`` is negative, a bad ``lr`` / ``grad_clip`` / ``checkpoint_every`` (named in the
+            message), a data-parallel run without a ``shard_plate`` or with one that is not a plate of the model,
+            or an unreadable checkpoint.
+        TypeError: a loss without ``differentiable_loss``, an unsupported Pyro optimizer, or a bad ``checkpoint``,
+            ``distributed`` or ``shard_plate``.
         FloatingPointError: a step's loss or gradient is non-finite (the message names the step).
 
     Examples:
@@ -146,22 +210,47 @@ def fit_svi(
     )
     if not callable(getattr(elbo, "differentiable_loss", None)):
         raise TypeError(f"fit_svi needs a loss with a differentiable_loss method, got {type(elbo).__name__}")
+    check_size(checkpoint_every, "checkpoint_every")
+    if shard_plate is not None and not isinstance(shard_plate, str):
+        raise TypeError(f"shard_plate must be a plate name (str) or None, got {type(shard_plate).__name__}")
+    store = None if checkpoint is None else Checkpoint(checkpoint, checkpoint_every)
+    world = World.current(distributed)
+    if world.size > 1 and shard_plate is None:
+        raise ValueError(
+            f"fit_svi runs data-parallel on {world.size} processes: pass shard_plate=, the name of the plate over "
+            "each rank's shard of the data (or distributed=False for independent fits)"
+        )
     if clear_param_store:
         pyro.clear_param_store()
     trace = ELBOTrace()
     if num_steps == 0:
         return trace
+    scaling = _ScalePlate(shard_plate, float(world.size)) if world.size > 1 else None
+    model_, guide_ = (model, guide) if scaling is None else (scaling(model), scaling(guide))
 
     def step(_: Any) -> Tensor:
-        return elbo.differentiable_loss(model, guide, *args, **kwargs)
+        return elbo.differentiable_loss(model_, guide_, *args, **kwargs)
 
     # one evaluation registers the guide's (and model's) parameters in the parameter store
     with poutine.trace(param_only=True) as capture, torch.no_grad():
         step(None)
+    if scaling is not None and shard_plate not in scaling.plates:
+        raise ValueError(
+            f"shard_plate={shard_plate!r} is not a plate of the model or guide (plates: {sorted(scaling.plates)})"
+        )
     params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    world.broadcast_(params)
     optimizer = make_adam(params, lr) if optim is None else _torch_optimizer(optim, params)
     result = train(
-        step, params, epochs=num_steps, optimizer=optimizer, grad_clip=grad_clip, progress=progress, desc="svi"
+        step,
+        params,
+        epochs=num_steps,
+        optimizer=optimizer,
+        grad_clip=grad_clip,
+        progress=progress,
+        desc="svi",
+        world=world,
+        checkpoint=store,
     )
     for value in result.losses:
         trace.record(value)
