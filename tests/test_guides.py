@@ -654,7 +654,10 @@ def scalar_model() -> None:
     ("make", "layers"),
     [
         (lambda: AutoSplineCoupling(scalar_model), ["SplineInverseAutoregressive"] * 2),
-        (lambda: AutoFlow(scalar_model, flow="affine_coupling", hidden_dims=(8,)), ["ElementwiseAffine"] * 2),
+        (
+            lambda: AutoFlow(scalar_model, flow="affine_coupling", num_flows=2, hidden_dims=(8,)),
+            ["ElementwiseAffine"] * 2,
+        ),
         (lambda: AutoFlow(scalar_model, flow=("lu", "affine_coupling"), num_flows=1), ["LU", "ElementwiseAffine"]),
     ],
 )

@@ -56,7 +56,7 @@ from torch.distributions import Transform, biject_to
 from pyro_flows.guides.laplace import find_map, laplace_factors, log_joint_fn
 from pyro_flows.transforms.stack import PermutationRule, build_flows, flow_names
 
-__all__ = ["ONE_DIM_FAMILIES", "AutoFlow", "FlowSpec", "flow_optim_args", "guide_flows"]
+__all__ = ["GUIDE_FAMILY_DEFAULTS", "ONE_DIM_FAMILIES", "AutoFlow", "FlowSpec", "flow_optim_args", "guide_flows"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ FlowSpec = str | Sequence[str] | Callable[[int], Sequence[Transform]]
 
 #: The element-wise family that stands in a guide for each coupling family when the latent vector has one coordinate.
 ONE_DIM_FAMILIES = {"affine_coupling": "elementwise_affine", "spline_coupling": "spline_iaf"}
+
+#: The options a guide gives a family unless they are set (chosen on the development suite of reference posteriors,
+#: ``docs/posterior-suite.md``): IAF layers with the affine update, which can rescale coordinates up and down (the
+#: gated one only shrinks them: hierarchical scales suffer), and conditioners of width 32.
+GUIDE_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {"iaf": {"gated": False, "hidden_dims": (32, 32)}}
 
 
 def flow_optim_args(lr: float, flow_lr_scale: float = 0.1, **other: Any) -> Callable[[str], dict[str, Any]]:
@@ -118,6 +123,32 @@ def _plain(value: Any) -> Any:
     return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', f'<{type(value).__qualname__}>')}"
 
 
+class CheckedSettings:
+    """``state_dict`` hooks of the guides: the construction settings (``self._settings``) travel with the checkpoint.
+
+    ``get_extra_state`` saves them under ``_extra_state``; ``set_extra_state`` (called by ``load_state_dict``) refuses
+    a checkpoint of a guide built with other settings, naming every setting that differs.
+    """
+
+    _settings: dict[str, Any]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The construction settings, saved in ``state_dict`` under ``_extra_state``."""
+        return dict(self._settings)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check that a checkpoint's settings are this guide's.
+
+        Raises:
+            ValueError: naming every setting that differs.
+
+        """
+        ours, state = self._settings, dict(state) if isinstance(state, Mapping) else {}
+        if differ := [key for key in {**ours, **state} if state.get(key) != ours.get(key)]:
+            text = "; ".join(f"{key}: {state.get(key)!r} in the checkpoint, {ours.get(key)!r} here" for key in differ)
+            raise ValueError(f"the checkpoint's guide has other settings ({text}); build one with them to load it")
+
+
 def guide_flows(flow: str | Sequence[str], dim: int, num_flows: int, **kwargs: Any) -> list[Transform]:
     """The layers of `build_flows` for a guide, in every dimension (coupling families fall back in one dimension).
 
@@ -141,10 +172,11 @@ def guide_flows(flow: str | Sequence[str], dim: int, num_flows: int, **kwargs: A
         return build_flows(flow, dim, num_flows, **kwargs)
     build_flows(flow, dim, 0, **kwargs)  # the options of the given families (no layer is built)
     fixed = {key: kwargs.pop(key) for key in ("context_dim", "permutation") if key in kwargs}
-    return build_flows([ONE_DIM_FAMILIES.get(name, name) for name in names], dim, num_flows, defaults=kwargs, **fixed)
+    defaults = {**(kwargs.pop("defaults", None) or {}), **kwargs}
+    return build_flows([ONE_DIM_FAMILIES.get(name, name) for name in names], dim, num_flows, defaults=defaults, **fixed)
 
 
-class AutoFlow(AutoContinuous):
+class AutoFlow(CheckedSettings, AutoContinuous):
     r"""Flow autoguide $z = \mu + \sigma \odot f(\varepsilon)$ over the packed unconstrained global latents.
 
     Works wherever Pyro's ``AutoContinuous`` guides work: constrained sites (through ``biject_to``), sites in
@@ -240,7 +272,7 @@ class AutoFlow(AutoContinuous):
     #: The default flow spec (presets set their family here).
     flow: ClassVar[FlowSpec] = "iaf"
     #: The default number of blocks.
-    num_flows: ClassVar[int] = 2
+    num_flows: ClassVar[int] = 4
     #: Number of (fixed-seed) draws used by `median` and `quantiles`.
     num_quantile_samples: int = 4096
     #: Largest latent dimension with a full-covariance base (the unit triangular factor $U$) and a dense Laplace
@@ -273,13 +305,20 @@ class AutoFlow(AutoContinuous):
             if {"context_dim", "context_hidden_dims"} & set(flow_kwargs):
                 raise TypeError("AutoFlow's flows are unconditional: context_dim and context_hidden_dims do not apply")
             num_flows = self.num_flows if num_flows is None else num_flows
+            defaults = {
+                key: value for name in flow_names(flow) for key, value in GUIDE_FAMILY_DEFAULTS.get(name, {}).items()
+            }
             # one throwaway stack checks the spec and every option, on the CPU, leaving every random state alone, at
             # a small size: 2, or the size a dimension-sized option names (a coupling mask, Sylvester's num_hidden)
             mask, hidden = flow_kwargs.get("mask"), flow_kwargs.get("num_hidden")
             probe = max(2, len(mask) if isinstance(mask, list | tuple) else 0, hidden if isinstance(hidden, int) else 0)
             with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-                build_flows(flow, probe, num_flows, permutation=permutation, **copy.deepcopy(flow_kwargs))
-            self._make_flows = partial(guide_flows, flow, num_flows=num_flows, permutation=permutation, **flow_kwargs)
+                build_flows(
+                    flow, probe, num_flows, permutation=permutation, defaults=defaults, **copy.deepcopy(flow_kwargs)
+                )
+            self._make_flows = partial(
+                guide_flows, flow, num_flows=num_flows, permutation=permutation, defaults=defaults, **flow_kwargs
+            )
             if num_flows == 0:
                 warnings.warn(f"{type(self).__name__} with num_flows=0 is a diagonal Gaussian guide.", stacklevel=2)
         settings = {"flow": flow, "num_flows": num_flows, "flow_kwargs": flow_kwargs, "permutation": permutation}
@@ -428,23 +467,6 @@ class AutoFlow(AutoContinuous):
             return cold
         self.start_used = "laplace"
         return laplace
-
-    # ------------------------------------------------------------------------------------------------ checkpoints
-    def get_extra_state(self) -> dict[str, Any]:
-        """The construction settings, saved in ``state_dict`` under ``_extra_state``."""
-        return dict(self._settings)
-
-    def set_extra_state(self, state: Any) -> None:
-        """Check that a checkpoint's settings are this guide's (called by ``load_state_dict``).
-
-        Raises:
-            ValueError: naming every setting that differs.
-
-        """
-        ours, state = self._settings, dict(state) if isinstance(state, Mapping) else {}
-        if differ := [key for key in {**ours, **state} if state.get(key) != ours.get(key)]:
-            text = "; ".join(f"{key}: {state.get(key)!r} in the checkpoint, {ours.get(key)!r} here" for key in differ)
-            raise ValueError(f"the checkpoint's guide has other settings ({text}); build one with them to load it")
 
     # ------------------------------------------------------------------------------------------------ the posterior
     def get_base_dist(self) -> dist.TorchDistribution:

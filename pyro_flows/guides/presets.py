@@ -3,10 +3,10 @@ r"""Per-family presets of [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow], in 
 A preset is [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow] with a default family (`AutoFlow.flow`) and depth
 (`AutoFlow.num_flows`): it takes every other argument of [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow] by keyword
 (``num_flows``, ``init_loc_fn``, ``init_scale``, ``permutation`` and the family's options, e.g. ``hidden_dims``),
-checked at construction. The defaults were chosen on the benchmarks of ``benchmarks/bench_guides.py`` (a 50-d Bayesian
-logistic regression and Rezende & Mohamed's 2-d energies), trained with the flows at a tenth of the base's learning rate
-(a hundredth for AutoSplineCoupling) through [`flow_optim_args`][pyro_flows.guides.autoflow.flow_optim_args]; see
-``benchmarks/README.md`` for the numbers.
+checked at construction. Every preset starts at the Laplace approximation (`AutoFlow`'s ``start="laplace"``). The
+default family and depth of ``AutoIAF`` (and of ``AutoFlow``: four affine IAF layers 32 x 32) were chosen on the
+development suite of reference posteriors (``docs/posterior-suite.md``); the other presets' depths on the benchmarks
+of ``benchmarks/bench_guides.py`` (``benchmarks/README.md``).
 
 Which preset:
 
@@ -62,17 +62,16 @@ class _Preset(AutoFlow):
         super().__init__(model, **kwargs)
 
 
-class AutoIAF(_Preset, flow="iaf", num_flows=2):
-    r"""Inverse autoregressive flow guide (Kingma et al. 2016): ``num_flows`` IAF layers (2), reversed in between.
+class AutoIAF(_Preset, flow="iaf", num_flows=4):
+    r"""Inverse autoregressive flow guide (Kingma et al. 2016): ``num_flows`` IAF layers (4), reversed in between.
 
-    Sampling and scoring its own draws are one parallel pass per layer.
-
-    The layers use the numerically stable gated update $z' = \sigma \odot z + (1 - \sigma) \odot m$
-    (the default of the ``"iaf"`` family), which can only shrink a coordinate, by a factor in (0, 1) per layer.
-    Where the posterior's scale changes by orders of magnitude with another latent (funnels, hierarchical scales)
-    pass ``gated=False`` for the affine update $z' = \mu + e^{s} \odot z$ ($|s| < 5$), more layers and
-    several particles: on Neal's 10-d funnel the affine guide with 4 layers is far closer than the gated default
-    (numbers and settings: ``benchmarks/README.md``, ``examples/notebooks/neals_funnel``).
+    Sampling and scoring its own draws are one parallel pass per layer. In a guide the layers default to the
+    affine update $z' = \mu(z) + e^{s(z)} \odot z$ ($|s| < 5$) with MADE conditioners of widths (32, 32)
+    ([`GUIDE_FAMILY_DEFAULTS`][pyro_flows.guides.autoflow.GUIDE_FAMILY_DEFAULTS]): it rescales coordinates up and
+    down, which hierarchical scales and funnels need. The ``"iaf"`` family's own default elsewhere is the gated
+    update $z' = \sigma \odot z + (1 - \sigma) \odot m$ (``gated=True``), numerically the most stable, which
+    can only shrink a coordinate. The defaults were chosen on the development suite of reference posteriors
+    (``docs/posterior-suite.md``).
     """
 
 
