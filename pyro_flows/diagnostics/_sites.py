@@ -7,6 +7,7 @@ diagnostics assume a static model structure (the same sites with the same shapes
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ class ModelSites:
         sites: the sites by name.
         max_plate_nesting: the number of plate dimensions of the model.
         subsampled: ``{plate name: (subsample size, full size)}`` of the plates that subsample.
+        scaled: ``{observed site: scale}`` of the observed sites whose log-density is scaled up (``poutine.scale``
+            with a factor above 1, outside the plates' own subsampling factor).
         enumerated: the sample sites of the model or the guide marked ``infer={"enumerate": ...}``.
 
     """
@@ -55,6 +58,7 @@ class ModelSites:
     sites: dict[str, SiteInfo] = field(default_factory=dict)
     max_plate_nesting: int = 0
     subsampled: dict[str, tuple[int, int]] = field(default_factory=dict)
+    scaled: dict[str, float] = field(default_factory=dict)
     enumerated: list[str] = field(default_factory=list)
 
     def names(self, kind: str) -> list[str]:
@@ -63,6 +67,10 @@ class ModelSites:
 
     def require_full_data(self, what: str) -> None:
         """Refuse a model whose plates subsample: ``what`` would see the subsample as the data.
+
+        A model whose observed sites are scaled up by hand (``poutine.scale``, the other way to train on
+        mini-batches) gets a warning: a mini-batch scaled to the data set's size is indistinguishable from weighted
+        observations.
 
         Raises:
             ValueError: naming the first subsampling plate.
@@ -73,7 +81,15 @@ class ModelSites:
             raise ValueError(
                 f"{what} needs the full data, but the plate {plate!r} subsamples {size} of {full_size} points: the "
                 "subsample would be exported as the observed data. Pass the full data to a model whose plate does "
-                "not subsample (no subsample_size or subsample)"
+                "not subsample (no subsample_size or subsample, e.g. model(..., subsample_size=None)); a guide that "
+                "follows the model's plate, such as AutoLocalFlow, then covers every data point"
+            )
+        if self.scaled:
+            warnings.warn(
+                f"{what}: the observed site(s) {sorted(self.scaled)} are scaled by {sorted(set(self.scaled.values()))} "
+                "(poutine.scale). If that is a mini-batch scaled to the size of the data set, the export takes the "
+                "mini-batch for the data: pass the full data without the scale",
+                stacklevel=3,
             )
 
     def refuse_enumeration(self, what: str) -> None:
@@ -134,10 +150,16 @@ def inspect_model(
         for name, site in trace.nodes.items():
             if site["type"] == "sample" and site["infer"].get("enumerate") and name not in info.enumerated:
                 info.enumerated.append(name)
-    for site in model_trace.nodes.values():
+    for name, site in model_trace.nodes.items():
+        plate_factor = 1.0
         for frame in site.get("cond_indep_stack", ()):
             if frame.full_size not in (None, frame.size):
                 info.subsampled[frame.name] = (frame.size, frame.full_size)
+                plate_factor *= frame.full_size / frame.size
+        if site["type"] == "sample" and site["is_observed"] and not site["infer"].get("_deterministic"):
+            scale = float(torch.as_tensor(site["scale"]).max()) / plate_factor
+            if scale > 1.0 + 1e-6:
+                info.scaled[name] = scale
     nesting = 0
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["infer"].get("_do_not_trace"):

@@ -224,7 +224,8 @@ def samples_to_inference_data(
         and ``log_likelihood``.
 
     Raises:
-        ValueError: if a latent site of the model has no draws, or draws of different lengths.
+        ValueError: if a latent site of the model has no draws, or draws of different lengths, or a plate of the
+            model subsamples (the subsample would be exported as the data).
 
     """
     sites = inspect_model(model, None, args, kwargs)
@@ -321,8 +322,10 @@ def to_inference_data(
     * ``observed_data``: the observed values.
 
     Works with any guide that `pyro.infer.Predictive` accepts (flow guides, ``AutoNormal``,
-    ``AutoMultivariateNormal``, hand-written guides). The model must have a static structure; subsampled
-    plates are not supported (pass the full data).
+    ``AutoMultivariateNormal``, hand-written guides). The model must have a static structure. A model whose plate
+    subsamples is refused with a ``ValueError`` (the subsample would be exported as the data): call it on the full
+    data (e.g. ``model(..., subsample_size=None)``; ``AutoLocalFlow`` then draws the locals of every data point).
+    Observed sites scaled up by ``poutine.scale`` (a mini-batch scaled by hand) get a warning.
 
     Args:
         model: the Pyro model.
@@ -339,6 +342,10 @@ def to_inference_data(
 
     Returns:
         The InferenceData.
+
+    Raises:
+        ValueError: a ``num_samples`` below 1, or a plate of the model that subsamples (the subsample would be
+            exported as the data).
 
     Examples:
         >>> import pyro, pyro.distributions as dist, torch

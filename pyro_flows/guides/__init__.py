@@ -1,4 +1,4 @@
-"""Flow autoguides for Pyro models: `AutoFlow`, per-family presets and `AmortizedFlowGuide` (VAEs).
+"""Flow autoguides for Pyro models: `AutoFlow`, presets, `AmortizedFlowGuide` (VAEs), `AutoLocalFlow` (local latents).
 
 Train them with the flows at a fraction of the base's learning rate from a cold start:
 [`flow_optim_args`][pyro_flows.guides.autoflow.flow_optim_args].
@@ -17,9 +17,18 @@ Examples:
 from pyro_flows.guides import presets
 from pyro_flows.guides.amortized import AmortizedFlowGuide
 from pyro_flows.guides.autoflow import AutoFlow, FlowSpec, flow_optim_args
+from pyro_flows.guides.local import AutoLocalFlow
 from pyro_flows.guides.presets import *  # noqa: F403
 
 #: Every preset class by name, in the order of `pyro_flows.guides.presets`.
 PRESETS: dict[str, type[AutoFlow]] = {cls.__name__: cls for cls in presets._Preset.__subclasses__()}
 
-__all__ = ["PRESETS", "AmortizedFlowGuide", "AutoFlow", "FlowSpec", "flow_optim_args", *presets.__all__]
+__all__ = [
+    "PRESETS",
+    "AmortizedFlowGuide",
+    "AutoFlow",
+    "AutoLocalFlow",
+    "FlowSpec",
+    "flow_optim_args",
+    *presets.__all__,
+]

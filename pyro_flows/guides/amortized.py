@@ -28,6 +28,7 @@ parameters).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Transform
 
+from pyro_flows._validation import check_real
 from pyro_flows.guides.autoflow import guide_flows
 from pyro_flows.transforms.base import ConditionalFlow, Flow, check_size
 from pyro_flows.transforms.stack import FlowSpec, PermutationRule, condition_flows
@@ -85,6 +87,9 @@ class AmortizedFlowGuide(nn.Module):
         plate_name: name of the data plate.
         subsample_size: if set, ``x`` is the whole data set and the plate subsamples it (see above).
         min_scale: lower bound $\sigma_{\min}$ added to the softplus scale (keeps $\log q$ finite).
+        init_scale: if given, the heads start constant: $\mu = 0$ and $\sigma =$ ``init_scale`` for every ``x``
+            (zero weights; AutoNormal's initial distribution), so training starts from a narrow guide; ``None``
+            keeps PyTorch's default initialization of the heads.
         name: name under which the module's parameters enter Pyro's param store.
 
     Raises:
@@ -124,6 +129,7 @@ class AmortizedFlowGuide(nn.Module):
         plate_name: str = "data",
         subsample_size: int | None = None,
         min_scale: float = 1e-5,
+        init_scale: float | None = None,
         name: str = "amortized_guide",
     ) -> None:
         super().__init__()
@@ -136,6 +142,13 @@ class AmortizedFlowGuide(nn.Module):
         self.encoder = encoder
         self.loc_head = nn.Linear(self.context_dim, self.latent_dim)
         self.scale_head = nn.Linear(self.context_dim, self.latent_dim)
+        if check_real(init_scale, "init_scale", positive=True, optional=True) is not None:
+            if init_scale <= min_scale:
+                raise ValueError(f"init_scale ({init_scale}) must exceed min_scale ({min_scale})")
+            for head in (self.loc_head, self.scale_head):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+            nn.init.constant_(self.scale_head.bias, math.log(math.expm1(init_scale - min_scale)))
         self.site, self.plate_name, self.subsample_size, self.name = site, plate_name, subsample_size, name
         self.min_scale = float(min_scale)
         plain, kwargs = flow is None or flow == "none", dict(flow_kwargs or {})
