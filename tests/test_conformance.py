@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from pyro_flows.transforms import conditional_registry, image_registry, registry
+from pyro_flows.transforms import ConditionalFlow, ParametricFlow, conditional_registry, image_registry, registry
 
 VECTOR_DIM = 5
 IMAGE_SHAPE = (2, 4, 4)
@@ -207,6 +207,25 @@ def test_state_dict_round_trip(case: Case) -> None:
         assert torch.equal(module.condition(c)(x), clone.condition(c)(x))
     else:
         assert torch.equal(module(x), clone(x))
+
+
+@parametrize_cases
+def test_parametric_flows_load_the_per_parameter_checkpoint_format(case: Case) -> None:
+    """A checkpoint with one entry per raw parameter (the format before packing) loads into ``raw``."""
+    module = build(case)
+    flow = module.flow if isinstance(module, ConditionalFlow) else module
+    if not isinstance(flow, ParametricFlow):
+        pytest.skip("not a ParametricFlow")
+    prefix = "flow." if flow is not module else ""
+    legacy = {key: value for key, value in module.state_dict().items() if key != prefix + "raw"}
+    legacy.update({prefix + name: value.detach().clone() for name, value in flow.raw_params().items()})
+    clone = build(case, seed=1)
+    clone.load_state_dict(legacy)
+    assert torch.equal(clone.state_dict()[prefix + "raw"], module.state_dict()[prefix + "raw"])
+    name = next(iter(flow.param_shapes))
+    legacy[prefix + name] = torch.zeros(flow.param_shapes[name].numel() + 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="raw"):  # a wrong shape is not packed: strict loading names what is missing
+        build(case, seed=1).load_state_dict(legacy)
 
 
 @parametrize_cases

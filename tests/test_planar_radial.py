@@ -110,6 +110,53 @@ def test_planar_inverse_gradients_match_finite_differences() -> None:
     assert torch.autograd.gradcheck(inverse, params)
 
 
+def _planar_inputs(seed: int, zero_w: bool = False) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(seed)
+    z = torch.randn(4, 3, dtype=torch.float64)
+    u, w = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    w = torch.zeros_like(w) if zero_w else w
+    return tuple(t.requires_grad_() for t in (z, u, w, torch.randn((), dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planar_forward_gradients_match_finite_differences_first_and_second_order(seed: int) -> None:
+    # shared parameters run as one autograd node with a closed-form backward: check it, and its own derivative
+    flow = Planar(3).double()
+
+    def forward(z: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return flow._forward_with({"u": u, "w": w, "bias": b}, z)
+
+    inputs = _planar_inputs(seed)
+    assert torch.autograd.gradcheck(forward, inputs)
+    assert torch.autograd.gradgradcheck(forward, inputs)
+
+
+@pytest.mark.parametrize("zero_w", [False, True], ids=["w", "w=0"])
+def test_planar_closed_form_backward_equals_autograd_of_the_operations(zero_w: bool) -> None:
+    # w = 0 (a translation) is not differentiable by finite differences, but both backward passes agree there
+    flow = Planar(3).double()
+    z, u, w, b = _planar_inputs(3, zero_w)
+    y, log_det = flow._forward_with({"u": u, "w": w, "bias": b}, z)
+    y_ref, log_det_ref = Planar._autograd_forward(z, u, w, b)
+    assert torch.equal(y, y_ref) and torch.equal(log_det, log_det_ref)
+    weights = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    grads = torch.autograd.grad((y * weights[0]).sum() + (log_det * weights[1]).sum(), (z, u, w, b))
+    ref = torch.autograd.grad((y_ref * weights[0]).sum() + (log_det_ref * weights[1]).sum(), (z, u, w, b))
+    for g, r in zip(grads, ref, strict=True):
+        assert torch.allclose(g, r, atol=1e-12, rtol=1e-12)
+
+
+def test_planar_works_under_torch_func_transforms() -> None:
+    flow = randomize(Planar(3), 1.0, 4)
+    z = torch.randn(4, 3, dtype=torch.float64)
+    jac = torch.func.jacrev(lambda v: flow(v))(z)
+    flow.clear_cache()
+    assert torch.allclose(jac, jacobian(lambda v: flow(v), z), atol=1e-12)
+    points = torch.func.vmap(lambda v: flow(v))(z)
+    flow.clear_cache()
+    assert torch.allclose(points, flow(z), atol=1e-12)
+
+
 def test_radial_inverse_near_and_far_from_the_centre() -> None:
     flow = randomize(Radial(4), 1.0, 2)
     center = flow.center.detach()

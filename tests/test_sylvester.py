@@ -14,6 +14,7 @@ from pyro_flows.transforms import (
     householder_columns,
 )
 from pyro_flows.transforms._utils import householder_product
+from pyro_flows.transforms.sylvester import IMPLICIT_Q_SIZE, _CompactWY
 
 DIMS = [2, 5, 16]
 VARIANTS = {
@@ -44,6 +45,25 @@ def test_log_det_matches_autograd_at_random_parameters(variant: str, dim: int) -
 def test_conditional_log_det_matches_autograd_with_a_batch_of_contexts(variant: str, dim: int) -> None:
     module = randomize(CONDITIONAL[variant](dim, context_dim=3, context_hidden_dims=(8,)), 0.5, 0)
     check_flow(module.condition(torch.randn(4, 3, dtype=torch.float64)), torch.randn(4, dim, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("dim", "num_hidden"), [(120, None), (150, 80)])
+def test_householder_q_is_applied_through_its_factors_in_large_dimensions(dim: int, num_hidden: int | None) -> None:
+    # D·M above IMPLICIT_Q_SIZE and fewer than M points: Q is never formed; the factors apply the same matrix
+    flow = randomize(SylvesterHouseholder(dim, num_hidden=num_hidden), 0.1, 3)
+    m = flow.num_hidden
+    assert dim * m > IMPLICIT_Q_SIZE
+    basis = flow._basis(flow.raw_params())
+    assert isinstance(basis, _CompactWY)
+    q = householder_columns(flow.reflections, m)
+    x, v = torch.randn(2, 3, dim, dtype=torch.float64), torch.randn(2, 3, m, dtype=torch.float64)
+    assert torch.allclose(basis.project(x), x @ q, atol=1e-12)
+    assert torch.allclose(basis.lift(v), v @ q.T, atol=1e-12)
+    check_flow(flow, torch.randn(2, dim, dtype=torch.float64))
+    # a batch of M points folds Q into the triangles instead: the same map
+    points = torch.randn(m, dim, dtype=torch.float64)
+    folded = flow(points)
+    assert torch.allclose(torch.cat([flow(p) for p in points.split(7)]), folded, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -310,6 +310,13 @@ class ParametricFlow(Flow):
     dimensions for the module's own parameters, the context's batch dimensions for a conditional flow. Any raw values
     give an invertible map (constraints are applied inside).
 
+    **One parameter tensor per layer.** The raw parameters are stored flattened and concatenated in one
+    ``nn.Parameter``, ``raw`` (in registration order); ``flow.<name>`` and `raw_params` are views of it, so in-place
+    updates under ``torch.no_grad()`` (``flow.w.copy_(...)``) write through. A layer is then one tensor for an
+    optimizer: Pyro's optimizers run one torch optimizer per parameter tensor, so a planar layer costs one optimizer
+    step instead of three. ``load_state_dict`` also accepts the former format, one entry per raw parameter
+    (``"u"``, ``"w"``, ``"bias"``, ...), and packs it.
+
     Amortization: with ``context_dim > 0`` a hypernetwork $g$ (an ELU MLP of widths
     ``context_hidden_dims`` and one zero-initialized linear head per amortized parameter) gives
     $\theta(c) = \theta_0 + g(c)$, one batched forward for the whole batch of contexts — the amortized
@@ -331,6 +338,7 @@ class ParametricFlow(Flow):
             raise ValueError("context_hidden_dims sets the hypernetwork of conditional flows: it needs context_dim > 0")
         widths = check_widths((64,) if context_hidden_dims is None else context_hidden_dims, "context_hidden_dims")
         self.param_shapes: dict[str, torch.Size] = {}
+        self._raw_sizes: list[int] = []
         if self.context_dim:
             layers: list[nn.Module] = []
             for a, b in itertools.pairwise([self.context_dim, *widths]):
@@ -340,18 +348,39 @@ class ParametricFlow(Flow):
             self._head_width = widths[-1] if widths else self.context_dim
 
     def add_raw_param(self, name: str, init: Tensor, amortized: bool = True) -> None:
-        """Register ``init`` as the learnable raw parameter ``name`` (``amortized``: offset by the context)."""
-        self.register_parameter(name, nn.Parameter(init))
+        """Register ``init`` as the learnable raw parameter ``name`` (``amortized``: offset by the context).
+
+        It is appended to the packed parameter ``raw`` and read back as ``flow.<name>`` (a view).
+
+        Raises:
+            ValueError: ``name`` is already a raw parameter or another attribute of the module.
+
+        """
+        if name in self.param_shapes or hasattr(self, name):
+            raise ValueError(f"{type(self).__name__} already has an attribute {name!r}")
+        packed = self._parameters.get("raw")
+        flat = init.detach().reshape(-1)
+        self.raw = nn.Parameter(flat.clone() if packed is None else torch.cat([packed.detach(), flat.to(packed)]))
         self.param_shapes[name] = init.shape
+        self._raw_sizes.append(flat.numel())
         if self.context_dim and amortized and init.numel():
             head = nn.Linear(self._head_width, init.numel())
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
             self.context_heads[name] = head
 
+    def __getattr__(self, name: str) -> Any:
+        shapes = self.__dict__.get("param_shapes")
+        if shapes is not None and name in shapes:  # a raw parameter: its view of the packed one
+            return self.raw_params()[name]
+        return super().__getattr__(name)
+
     def raw_params(self, context: Tensor | None = None) -> dict[str, Tensor]:
-        r"""The raw parameters by name: the module's own, or $\theta_0 + g(c)$ for a context ``c``."""
-        params = {name: getattr(self, name) for name in self.param_shapes}
+        r"""The raw parameters by name: views of the packed ``raw``, or $\theta_0 + g(c)$ for a context ``c``."""
+        if not self.param_shapes:
+            return {}
+        views = self.raw.split(self._raw_sizes)
+        params = {name: v.view(shape) for (name, shape), v in zip(self.param_shapes.items(), views, strict=True)}
         if context is None:
             return params
         h = self.context_net(context)
@@ -359,6 +388,31 @@ class ParametricFlow(Flow):
         for name, head in self.context_heads.items():
             params[name] = params[name] + head(h).reshape(batch + self.param_shapes[name])
         return params
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Pack a checkpoint of the former format (one entry per raw parameter) into ``raw``, then load it."""
+        legacy = [prefix + name for name in self.param_shapes]
+        if (
+            prefix + "raw" not in state_dict
+            and legacy
+            and all(
+                key in state_dict and state_dict[key].shape == shape
+                for key, shape in zip(legacy, self.param_shapes.values(), strict=True)
+            )
+        ):
+            state_dict[prefix + "raw"] = torch.cat([state_dict.pop(key).reshape(-1) for key in legacy])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
