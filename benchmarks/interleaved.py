@@ -58,8 +58,8 @@ PAIRS: dict[str, tuple[str, Callable, str, Callable]] = {
         lambda m: AutoIAFNormal(m),
     ),
     "AutoIAF vs AutoIAFNormal, equal architecture (2 layers, 64x64)": (
-        "AutoIAF(hidden_dims=(64, 64))",
-        lambda m: AutoIAF(m, hidden_dims=(64, 64)),
+        "AutoIAF(num_flows=2, hidden_dims=(64, 64))",
+        lambda m: AutoIAF(m, num_flows=2, hidden_dims=(64, 64)),
         "AutoIAFNormal(hidden_dim=[64, 64], num_transforms=2)",
         lambda m: AutoIAFNormal(m, hidden_dim=[64, 64], num_transforms=2),
     ),

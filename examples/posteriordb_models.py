@@ -49,8 +49,6 @@ from pyro_flows.diagnostics import (
     to_inference_data,
 )
 from pyro_flows.guides import AutoFlow, flow_optim_args
-from pyro_flows.transforms import registry
-from pyro_flows.transforms.linear import Permutation, Triangular
 
 DTYPE = torch.float64
 #: Scale of the vague proper priors standing in for Stan's flat priors.
@@ -414,39 +412,18 @@ def laplace_approximation(model: Callable[..., None], *args: Any, max_iter: int 
 def laplace_flow_guide(
     model: Callable[..., None], laplace: AutoMultivariateNormal, num_flows: int = 2, **iaf_kwargs: Any
 ) -> AutoFlow:
-    """A flow guide that starts exactly at a Laplace (or any full-covariance Gaussian) approximation.
+    r"""A flow guide that starts exactly at a Laplace (or any full-covariance Gaussian) approximation.
 
-    ``AutoFlow.from_guide`` copies the location and the marginal scales into the guide's affine base; a last
-    :class:`~pyro_flows.transforms.linear.Triangular` layer set to the Cholesky factor of the approximation's
-    correlation matrix restores its correlations; ``num_flows`` IAF layers (at the identity) act before it, on
-    whitened coordinates, and learn what the Gaussian misses (skewness, funnels, heavy tails). Strongly
-    correlated posteriors (regressions on uncentred predictors) then need no SVI steps to learn their linear
-    structure. ``iaf_kwargs`` go to the ``"iaf"`` factory; pass ``gated=False`` (as :func:`fit_and_compare` does)
-    when scales vary with other latents (hierarchical models): the gated update can only shrink coordinates.
+    ``AutoFlow.from_guide`` copies the location, the scales and the unit triangular factor of the correlations
+    into the guide's affine base, $z = \mu + \mathrm{diag}(d)\, U u$; ``num_flows`` IAF layers (at the
+    identity) act before it, on whitened coordinates, and learn what the Gaussian misses (skewness, funnels, heavy
+    tails). Strongly correlated posteriors (regressions on uncentred predictors) then need no SVI steps to learn
+    their linear structure. ``iaf_kwargs`` go to the ``"iaf"`` family (the guides' defaults: the affine update,
+    hidden (32, 32)).
     """
-    with torch.no_grad():
-        scale_tril = (laplace.scale.unsqueeze(-1) * laplace.scale_tril).detach()
-        marginal = scale_tril.pow(2).sum(-1).sqrt()
-        corr_tril = scale_tril / marginal.unsqueeze(-1)
-    dim = corr_tril.shape[-1]
-
-    def layers(dim: int) -> list[Any]:
-        flows: list[Any] = []
-        for k in range(num_flows):
-            if k > 0:
-                flows.append(Permutation(dim, "reverse"))
-            flows.append(registry["iaf"](dim, **iaf_kwargs))
-        whiten = Triangular(dim, bias=False)
-        rows, cols = torch.tril_indices(dim, dim, -1)
-        with torch.no_grad():
-            whiten.lower.copy_(corr_tril[rows, cols])
-            diag = torch.diagonal(corr_tril).clamp_min(2e-3) - 1e-3
-            whiten.raw_diag.copy_(diag + torch.log(-torch.expm1(-diag)))
-        return [*flows, whiten]
-
-    if dim < 1:
+    if laplace.latent_dim < 1:
         raise ValueError("the Laplace approximation has no latent dimension")
-    return AutoFlow.from_guide(laplace, model, flow=layers)
+    return AutoFlow.from_guide(laplace, model, flow="iaf", num_flows=num_flows, **iaf_kwargs)
 
 
 #: Guides compared on the reference posteriors (the flow guide is the recommended one).

@@ -67,7 +67,7 @@ class AutoIAF(_Preset, flow="iaf", num_flows=4):
 
     Sampling and scoring its own draws are one parallel pass per layer. In a guide the layers default to the
     affine update $z' = \mu(z) + e^{s(z)} \odot z$ ($|s| < 5$) with MADE conditioners of widths (32, 32)
-    ([`GUIDE_FAMILY_DEFAULTS`][pyro_flows.guides.autoflow.GUIDE_FAMILY_DEFAULTS]): it rescales coordinates up and
+    (`pyro_flows.guides.autoflow.GUIDE_FAMILY_DEFAULTS`): it rescales coordinates up and
     down, which hierarchical scales and funnels need. The ``"iaf"`` family's own default elsewhere is the gated
     update $z' = \sigma \odot z + (1 - \sigma) \odot m$ (``gated=True``), numerically the most stable, which
     can only shrink a coordinate. The defaults were chosen on the development suite of reference posteriors
