@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoDiagonalNormal,
+    AutoLaplaceApproximation,
     AutoMultivariateNormal,
     AutoNormal,
     init_to_median,
@@ -297,6 +298,18 @@ def test_warm_start_from_a_multivariate_normal_keeps_its_correlations():
     base = flow.get_transform(x, y).parts[-1]
     expected = mvn.scale.unsqueeze(-1) * mvn.scale_tril
     assert torch.allclose(base.scale_tril, expected, atol=1e-6)
+    # Pyro's Laplace approximation: marginal scales and the correlations' (not unit-diagonal) Cholesky factor
+    pyro.clear_param_store()
+    laplace_guide = AutoLaplaceApproximation(linear_gaussian_model)
+    svi = SVI(linear_gaussian_model, laplace_guide, Adam({"lr": 0.1}), Trace_ELBO())
+    for _ in range(300):
+        svi.step(x, y)
+    laplace = laplace_guide.laplace_approximation(x, y)
+    flow = AutoFlow.from_guide(laplace, flow="iaf", name="from_laplace")
+    flow(x, y)
+    base = flow.get_transform(x, y).parts[-1]
+    covariance = laplace.get_posterior().covariance_matrix
+    assert torch.allclose(base.scale_tril @ base.scale_tril.T, covariance, rtol=1e-4, atol=1e-8)
 
 
 def test_a_diverged_guide_says_so_at_the_next_step():

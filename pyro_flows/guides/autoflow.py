@@ -361,7 +361,11 @@ class AutoFlow(CheckedSettings, AutoContinuous):
             pairs = [guide._get_loc_and_scale(name) for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
             loc, scale = (torch.cat([pair[i].reshape(-1) for pair in pairs]) for i in (0, 1))
         elif isinstance(guide, AutoMultivariateNormal) and guide.latent_dim <= cls.dense_max_dim:
-            loc, scale, unit_tril = guide.loc, guide.scale, guide.scale_tril
+            # Σ's Cholesky factor L = diag(d) U: its diagonal d and the unit lower-triangular rest U (Pyro's own
+            # factor is unit-diagonal, the Laplace approximation's is the correlations' Cholesky factor)
+            tril = guide.scale.unsqueeze(-1) * guide.scale_tril
+            scale = torch.diagonal(tril, dim1=-2, dim2=-1)
+            loc, unit_tril = guide.loc, tril / scale.unsqueeze(-1)
         else:
             try:
                 loc, scale = guide._loc_scale()
