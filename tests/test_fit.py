@@ -218,7 +218,7 @@ def funnel(dim: int = 10) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known gap: KL 0.18 nats at the default budget (bar 0.05), see docs/fit.md", strict=False)
+@pytest.mark.xfail(reason="known gap: KL 0.29 nats at the default budget (bar 0.05), see docs/fit.md", strict=False)
 def test_neals_funnel_kl() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
