@@ -193,13 +193,18 @@ def test_non_finite_input_to_a_newton_inverse_is_named(name: str) -> None:
         registry[name](3).inv(torch.full((2, 3), math.nan))
 
 
+@pytest.mark.parametrize("logit", [-1000.0, -100.0, -40.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_a_numerically_singular_gated_inverse_raises_instead_of_returning_nan(dtype: torch.dtype) -> None:
+def test_a_numerically_singular_gated_inverse_raises(dtype: torch.dtype, logit: float) -> None:
+    """Gate logits far below the dtype's precision: the forward map squashes x into the rounding of m.
+
+    At -1000 sigmoid underflows to 0 in both dtypes (the inverse would be non-finite); at -100 and -40 float64 keeps
+    a positive gate, and the inverse returned finite values with no correct digit: both are refused.
+    """
     torch.manual_seed(0)
     flow = registry["iaf"](3, hidden_dims=(8,)).to(dtype)
     with torch.no_grad():
-        # gate logits ≈ -1000: sigmoid underflows to 0 in both dtypes, so the inputs cannot be recovered
-        flow.made.output.bias.fill_(-1000.0)
+        flow.made.output.bias.fill_(logit)
     y = flow(torch.randn(4, 3, dtype=dtype))
     flow.clear_cache()
     with pytest.raises(FloatingPointError, match="gated=False"):

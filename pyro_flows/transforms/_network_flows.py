@@ -34,6 +34,10 @@ class ElementwiseMap:
         """``(x, Σ_i log τ'(x_i))`` with ``τ(x; θ) = y``."""
         raise NotImplementedError
 
+    def inverse_error(self, y: Tensor, params: Tensor) -> Tensor | None:
+        """A bound on `inverse`'s rounding error per coordinate, for maps that can lose every digit (else ``None``)."""
+        return None
+
 
 class AffineMap(ElementwiseMap):
     r"""Affine map $y = \mu + e^{s} x$ with a soft-clamped log-scale.
@@ -105,6 +109,16 @@ class GatedMap(ElementwiseMap):
         mean, gate = params.unbind(-2)
         logit = gate + self.gate_bias
         return mean + (y - mean) * (1 + (-logit).exp()), F.logsigmoid(logit).sum(-1)
+
+    def inverse_error(self, y: Tensor, params: Tensor) -> Tensor:
+        r"""$\epsilon\,(|y| + |m|)\,(1 + e^{-(g + b)})$: the rounding of $y - m$, amplified by $1 / \sigma$.
+
+        With $\sigma$ below the dtype's precision (gate logits below about -16 in float32, -36 in float64) the
+        forward map has squashed $x$ into the rounding of $m$, and no inverse can recover it.
+        """
+        mean, gate = params.unbind(-2)
+        eps = torch.finfo(y.dtype).eps
+        return eps * (y.abs() + mean.abs()) * (1 + (-(gate + self.gate_bias)).exp())
 
 
 class SplineMap(ElementwiseMap):

@@ -93,15 +93,19 @@ class _Autoregressive(Flow):
         weights = self.made.masked_weights()
         context_term = self.made.context_term(context)
         step = self.elementwise.inverse if invert else self.elementwise.forward
-        v = torch.zeros_like(w)
+        v, params = torch.zeros_like(w), None
         log_det = w.new_zeros(())
         for _ in range(int(self.made.num_passes)):
-            v, log_det = step(w, self.made.apply_weights(v, weights, context_term))
-        if not bool(torch.isfinite(v).all()) and bool(torch.isfinite(w).all()):
+            params = self.made.apply_weights(v, weights, context_term)
+            v, log_det = step(w, params)
+        error = None if params is None or not invert else self.elementwise.inverse_error(w, params)
+        lost = error is not None and not torch.jit.is_tracing() and bool((error > 1 + v.abs()).any())
+        if lost or (not bool(torch.isfinite(v).all()) and bool(torch.isfinite(w).all())):
             raise FloatingPointError(
-                f"{type(self).__name__}: the sequential pass produced non-finite values from a finite input; the "
-                "map is numerically singular there (e.g. gate logits below ≈ -80 squash coordinates past the "
-                f"precision of {w.dtype}); use gated=False, float64 or smaller parameters"
+                f"{type(self).__name__}: the sequential pass cannot recover its input (non-finite values, or a "
+                "rounding error larger than the result); the map is numerically singular there (e.g. gate logits "
+                f"below ≈ -16 in float32 or -36 in float64 squash coordinates past the precision of {w.dtype}); use "
+                "gated=False, float64 or smaller parameters"
             )
         return v, log_det
 
