@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor
@@ -59,6 +58,7 @@ from pyro_flows.diagnostics import (
     psis_khat,
     to_inference_data,
 )
+from pyro_flows.diagnostics.elbo import svi_parameters
 from pyro_flows.guides import AutoFlow
 from pyro_flows.training import train
 
@@ -301,9 +301,7 @@ def _run_svi(
     def step(_: Any) -> Tensor:
         return elbo.differentiable_loss(model, guide, *args, **kwargs)
 
-    with poutine.trace(param_only=True) as capture, torch.no_grad():
-        step(None)
-    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    params = svi_parameters(step)
     optimizer = ClippedAdam(params, lr=options.lr)
     num_levels = 1 + max(0, round(2 * math.log10(options.lr / options.final_lr)))
     rates = np.geomspace(options.lr, options.final_lr, num_levels) if num_levels > 1 else [options.lr]

@@ -43,7 +43,7 @@ from torch import Tensor
 from pyro_flows._validation import check_size
 from pyro_flows.training import Checkpoint, World, check_options, make_adam, train
 
-__all__ = ["ELBOTrace", "fit_svi", "plot_elbo"]
+__all__ = ["ELBOTrace", "fit_svi", "plot_elbo", "svi_parameters"]
 
 
 @dataclass
@@ -117,6 +117,17 @@ class _ScalePlate(Messenger):
         self.plates |= names
         if self.name in names:
             msg["scale"] = self.factor * msg["scale"]
+
+
+def svi_parameters(step: Callable[[Any], Tensor]) -> list[Tensor]:
+    """The unconstrained tensors of every parameter an SVI ``step`` closure touches (model's and guide's).
+
+    One evaluation of ``step(None)`` without gradients registers them in Pyro's parameter store (a guide creates its
+    parameters at its first call) and records them.
+    """
+    with poutine.trace(param_only=True) as capture, torch.no_grad():
+        step(None)
+    return [site["value"].unconstrained() for site in capture.trace.nodes.values()]
 
 
 def fit_svi(
@@ -231,14 +242,11 @@ def fit_svi(
     def step(_: Any) -> Tensor:
         return elbo.differentiable_loss(model_, guide_, *args, **kwargs)
 
-    # one evaluation registers the guide's (and model's) parameters in the parameter store
-    with poutine.trace(param_only=True) as capture, torch.no_grad():
-        step(None)
+    params = svi_parameters(step)
     if scaling is not None and shard_plate not in scaling.plates:
         raise ValueError(
             f"shard_plate={shard_plate!r} is not a plate of the model or guide (plates: {sorted(scaling.plates)})"
         )
-    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
     world.broadcast_(params)
     optimizer = make_adam(params, lr) if optim is None else _torch_optimizer(optim, params)
     result = train(

@@ -437,12 +437,11 @@ class AutoFlow(CheckedSettings, AutoContinuous):
         eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
         return dist.transforms.LowerCholeskyAffine(loc, scale.unsqueeze(-1) * (unit_tril.tril(-1) + eye), cache_size=1)
 
-    def _elbo_estimate(self, flows: nn.ModuleList, base: tuple, args: tuple, kwargs: Mapping[str, Any]) -> float:
+    def _elbo_estimate(self, log_joint: Callable[[Tensor], Tensor], flows: nn.ModuleList, base: tuple) -> float:
         r"""$\frac1n \sum_i \log p(x, z_i) - \log q(z_i)$ over `START_DRAWS` draws (one model call each).
 
         ``q`` is the guide with the given ``flows`` and base ``(loc, scale, unit_tril)``.
         """
-        log_joint = log_joint_fn(self.model, self, args, kwargs)
         loc = base[0]
         with torch.no_grad():
             normal = dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
@@ -465,7 +464,7 @@ class AutoFlow(CheckedSettings, AutoContinuous):
             logger.info("%s: no Laplace start (no finite MAP or curvature): cold start", self._pyro_name)
             return cold
         laplace = (mode, *factors)
-        laplace_elbo, cold_elbo = (self._elbo_estimate(flows, base, args, kwargs) for base in (laplace, cold))
+        laplace_elbo, cold_elbo = (self._elbo_estimate(log_joint, flows, base) for base in (laplace, cold))
         logger.info("%s: ELBO at the start: Laplace %.4g, cold %.4g", self._pyro_name, laplace_elbo, cold_elbo)
         if laplace_elbo < cold_elbo:
             return cold
