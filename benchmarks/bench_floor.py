@@ -73,7 +73,8 @@ from bench_guides import logistic_data, logistic_model
 from harness import update
 
 from pyro_flows.guides import AutoFlow, AutoIAF, AutoPlanar, AutoSylvester
-from pyro_flows.transforms import InverseAutoregressive, ParametricFlow, Permutation, Planar
+from pyro_flows.nn.packed import named_tensors
+from pyro_flows.transforms import InverseAutoregressive, Permutation, Planar
 from pyro_flows.transforms._network_flows import AffineMap, GatedMap
 from pyro_flows.transforms.sylvester import IMPLICIT_Q_SIZE, SylvesterHouseholder, SylvesterTriangular
 
@@ -116,7 +117,7 @@ def _pyro_iaf(model: Callable, guide: AutoFlow) -> Callable:
     """``AutoIAFNormal`` with the guide's depth and update (gated: ``stable=True``), hidden widths ``max(h, D)``."""
     layers = [flow for flow in guide.flows if isinstance(flow, InverseAutoregressive)]
     made = layers[0].made
-    hidden = [max(layer.out_features, made.dim) for layer in made.layers]
+    hidden = [max(width, made.dim) for width in made.hidden_dims]
     stable = isinstance(layers[0].elementwise, GatedMap)
     return AutoIAFNormal(model, hidden_dim=hidden, num_transforms=len(layers), stable=stable)
 
@@ -140,17 +141,6 @@ PYRO_GUIDES: dict[str, Callable[[Callable, AutoFlow], Callable]] = {
 
 
 # ----------------------------------------------------------------------------------------------------- the floor
-def _leaves(guide: AutoFlow) -> list[tuple[str, Tensor]]:
-    """The guide's parameters in order, each flow's packed ``raw`` as its named raw parameters (views, in order)."""
-    leaves = []
-    for name, p in guide.named_parameters():
-        module, _, leaf = name.rpartition(".")
-        flow = guide.get_submodule(module) if module else guide
-        if leaf == "raw" and isinstance(flow, ParametricFlow):
-            leaves += [(f"{module}.{key}", value) for key, value in flow.raw_params().items()]
-        else:
-            leaves.append((name, p))
-    return leaves
 
 
 class Floor:
@@ -169,7 +159,7 @@ class Floor:
     """
 
     def __init__(self, guide: AutoFlow, lr: float) -> None:
-        self.params = {name: p.detach().clone().requires_grad_() for name, p in _leaves(guide)}
+        self.params = {name: p.detach().clone().requires_grad_() for name, p in named_tensors(guide)}
         # μ = c + s ⊙ δ: the learned shift δ in units s from the starting point c (buffers)
         self.loc_shift, self.raw_scale = self.params["loc_shift"], self.params["scale_unconstrained"]
         self.loc_origin, self.loc_unit = guide.loc_origin.clone(), guide.loc_unit.clone()
@@ -191,9 +181,9 @@ class Floor:
             return lambda u: (u[..., perm], None)
         if isinstance(flow, InverseAutoregressive):
             made = flow.made
-            assert not made.residual and made.context_output is None
-            masks = [layer.mask.clone() for layer in [*made.layers, made.output]]
-            names = [f"made.layers.{k}" for k in range(len(made.layers))] + ["made.output"]
+            assert not made.residual and not made.context_dim
+            masks = [mask.clone() for mask in made.masks()]
+            names = [f"made.layers.{k}" for k in range(len(made.hidden_dims))] + ["made.output"]
             weights = [(p[f"{n}.weight"], p[f"{n}.bias"]) for n in names]
             if isinstance(flow.elementwise, GatedMap):
                 update = functools.partial(_gated, gate_bias=flow.elementwise.gate_bias)
@@ -343,7 +333,7 @@ def describe(guide: AutoFlow) -> str:
     first = layers[0]
     if isinstance(first, InverseAutoregressive):
         update = "gated" if isinstance(first.elementwise, GatedMap) else "affine"
-        detail = f" ({update}, {'x'.join(str(layer.out_features) for layer in first.made.layers)})"
+        detail = f" ({update}, {'x'.join(map(str, first.made.hidden_dims))})"
     elif isinstance(first, SylvesterHouseholder):
         detail = f" (M={first.num_hidden}, {first.reflections.shape[0]} reflections)"
     else:

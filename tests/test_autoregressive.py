@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from pyro_flows.nn.packed import named_tensors
 from pyro_flows.transforms import (
     InverseAutoregressive,
     MaskedAutoregressive,
@@ -27,7 +28,7 @@ def _perturb(module: torch.nn.Module, scale: float = 0.5, seed: int = 0) -> torc
     torch.manual_seed(seed)
     module = module.double()
     with torch.no_grad():
-        for p in module.parameters():
+        for _, p in named_tensors(module):
             fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
             p.add_(scale / math.sqrt(fan_in) * torch.randn_like(p))
     return module
@@ -172,9 +173,9 @@ def test_spline_flow_round_trip_with_scaled_conditioner() -> None:
     for scale in (5.0, 10.0):
         flow = SplineMaskedAutoregressive(DIM, (16,)).double()
         with torch.no_grad():
-            out = flow.made.output
-            out.weight.normal_(0, scale / 4)
-            out.bias.normal_(0, scale)
+            out = flow.made.layout.views(flow.made.raw)
+            out["output.weight"].normal_(0, scale / 4)
+            out["output.bias"].normal_(0, scale)
         y = 2 * torch.randn(50, DIM, dtype=torch.float64)
         x = flow.inv(y)
         flow.clear_cache()

@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from pyro_flows.nn.packed import named_tensors
 from pyro_flows.transforms import ConditionalFlow, ParametricFlow, conditional_registry, image_registry, registry
 
 VECTOR_DIM = 5
@@ -77,7 +78,7 @@ def build(case: Case, dtype: torch.dtype = torch.float64, seed: int = 0) -> torc
     torch.manual_seed(seed)
     module = case.make().to(dtype)
     with torch.no_grad():
-        for p in module.parameters():
+        for _, p in named_tensors(module):
             fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
             p.add_(PERTURBATION / math.sqrt(fan_in) * torch.randn_like(p))
     return module

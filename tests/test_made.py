@@ -85,12 +85,12 @@ def test_context_reaches_every_output_and_keeps_the_mask() -> None:
 def test_masks_are_buffers_built_once_and_follow_the_module() -> None:
     net = MADE(DIM, 2, (8, 8), order="random")
     buffers = dict(net.named_buffers())
-    assert {"degrees", "num_passes", "layers.0.mask", "layers.1.mask", "output.mask"} <= set(buffers)
-    mask = net.layers[0].mask
+    assert {"degrees", "num_passes", "mask_0", "mask_1", "mask_2"} <= set(buffers)
+    mask = net.mask_0
     net(torch.randn(3, DIM))
-    assert net.layers[0].mask is mask
+    assert net.mask_0 is mask
     net = net.double()
-    assert net.layers[0].mask.dtype == torch.float64
+    assert net.mask_0.dtype == torch.float64
     clone = MADE(DIM, 2, (8, 8), order="natural")
     buffer = io.BytesIO()
     torch.save(net.float().state_dict(), buffer)
@@ -99,6 +99,30 @@ def test_masks_are_buffers_built_once_and_follow_the_module() -> None:
     assert torch.equal(clone.degrees, net.degrees)
     x = torch.randn(2, DIM)
     assert torch.equal(clone(x), net(x))
+
+
+@pytest.mark.parametrize("context_dim", [0, 3])
+def test_weights_are_one_packed_parameter_and_former_checkpoints_load(context_dim: int) -> None:
+    # one tensor for Pyro's parameter store and optimizers instead of two per layer
+    net = MADE(DIM, 2, (8, 8), context_dim=context_dim, order="random").double()
+    _randomize(net)
+    assert [name for name, _ in net.named_parameters()] == ["raw"]
+    views = net.layout.views(net.raw)
+    assert views["layers.0.weight"].shape == (8, DIM) and views["output.bias"].shape == (2 * DIM,)
+    with torch.no_grad():  # views write through
+        views["output.bias"][0] = 7.0
+    assert net.layout.views(net.raw.detach())["output.bias"][0] == 7.0
+    # the former format: one nn.Linear per layer (layers.k.weight/bias/mask, output.*, context.*)
+    legacy = {key: value for key, value in net.state_dict().items() if key != "raw" and not key.startswith("mask_")}
+    legacy.update({key: value.clone() for key, value in net.layout.views(net.raw.detach()).items()})
+    legacy.update({f"layers.{k}.mask": getattr(net, f"mask_{k}") for k in range(2)})
+    legacy["output.mask"] = net.mask_2
+    torch.manual_seed(9)
+    clone = MADE(DIM, 2, (8, 8), context_dim=context_dim, order="random").double()
+    clone.load_state_dict(legacy)
+    x = torch.randn(5, DIM, dtype=torch.float64)
+    c = torch.randn(5, 3, dtype=torch.float64) if context_dim else None
+    assert torch.equal(clone(x, c), net(x, c))
 
 
 def test_narrow_hidden_layers_need_fewer_passes() -> None:

@@ -7,7 +7,9 @@ output for coordinate $i$ is therefore a function of $\{x_j : r_j < r_i\}$ only,
 the Jacobian of the network's outputs w.r.t. its inputs is strictly triangular in the order.
 
 Masks are built once (buffers, saved in ``state_dict`` and moved with the module); each forward multiplies each
-weight by its mask once and runs plain ``F.linear`` layers. Hidden widths may be smaller than D: hidden degrees are
+weight by its mask once and runs plain ``F.linear`` layers. All weights and biases are views of one packed
+parameter, ``raw`` ([`PackedLayout`][pyro_flows.nn.PackedLayout]): one tensor for an optimizer and for Pyro's
+parameter store instead of two per layer. Hidden widths may be smaller than D: hidden degrees are
 then spread evenly over $1..D-1$ (fewer connections, still autoregressive). A context vector enters the first
 layer through an unmasked linear map (degree 0: every unit may read it).
 """
@@ -16,15 +18,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyro_flows._validation import check_size, check_widths
+from pyro_flows.nn.packed import PackedLayout
 
-__all__ = ["MADE", "MaskedLinear", "made_degrees"]
+__all__ = ["MADE", "MADEWeights", "MaskedLinear", "made_degrees"]
 
 Order = Literal["natural", "reverse", "random"] | Sequence[int] | Tensor
 
@@ -97,6 +100,14 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.masked_weight(), self.bias)
 
 
+class MADEWeights(NamedTuple):
+    """A MADE's weights read once for a call: ``(masked weight, bias)`` per layer (output last), context maps."""
+
+    layers: list[tuple[Tensor, Tensor]]
+    context_hidden: tuple[Tensor, Tensor] | None
+    context_output: Tensor | None
+
+
 class MADE(nn.Module):
     r"""Masked autoregressive network $x \in \mathbb{R}^D \mapsto \theta \in \mathbb{R}^{P \times D}$.
 
@@ -118,6 +129,8 @@ class MADE(nn.Module):
         generator: random generator for ``order="random"``.
 
     Attributes:
+        raw: every weight and bias, flattened and packed (``layout.views(raw)`` gives them by their former names,
+            ``"layers.0.weight"``, ..., ``"output.bias"``, ``"context.weight"``, ``"context_output.weight"``).
         degrees: input degrees (buffer), ``degrees[i]`` = 1-based rank of coordinate ``i`` in the order.
         num_passes: (0-d buffer) number of sequential passes that invert an autoregressive map built on this network:
             the length of the longest dependency chain between inputs (D for full-width networks, fewer when narrow
@@ -152,31 +165,48 @@ class MADE(nn.Module):
         self.residual = residual
         degrees = made_degrees(dim, order, generator)
         self.register_buffer("degrees", degrees)
+        self.hidden_dims = hidden_dims
         layer_degrees = [degrees, *(_hidden_degrees(h, dim) for h in hidden_dims)]
-        self.layers = nn.ModuleList(
-            MaskedLinear((d_out[:, None] >= d_in[None, :]).float()) for d_in, d_out in itertools.pairwise(layer_degrees)
-        )
-        out_degrees = degrees.repeat(num_params)
-        self.output = MaskedLinear((out_degrees[:, None] > layer_degrees[-1][None, :]).float())
-        with torch.no_grad():
-            self.output.weight.mul_(output_scale)
-            self.output.bias.zero_()
-        self.context = nn.Linear(context_dim, hidden_dims[0]) if context_dim and hidden_dims else None
-        self.context_output = nn.Linear(context_dim, dim * num_params, bias=False) if context_dim else None
-        if self.context_output is not None:
-            with torch.no_grad():
-                self.context_output.weight.mul_(output_scale)
+        masks = [(d_out[:, None] >= d_in[None, :]) for d_in, d_out in itertools.pairwise(layer_degrees)]
+        masks.append(degrees.repeat(num_params)[:, None] > layer_degrees[-1][None, :])
+        self.num_masks = len(masks)
+        for k, mask in enumerate(masks):
+            self.register_buffer(f"mask_{k}", mask.to(torch.get_default_dtype()))
+        # nn.Linear's initialization, drawn in the order of the former one-module-per-layer network (same draws for
+        # a given seed); the output layer and the context's direct map start at output_scale times it
+        self.layout = PackedLayout()
+        raw = None
+        for k, mask in enumerate(masks):
+            name = f"layers.{k}" if k < len(hidden_dims) else "output"
+            linear = nn.Linear(mask.shape[1], mask.shape[0])
+            is_output = k == len(hidden_dims)
+            weight, bias = linear.weight, linear.bias
+            raw = self.layout.append(raw, f"{name}.weight", weight * output_scale if is_output else weight)
+            raw = self.layout.append(raw, f"{name}.bias", torch.zeros_like(bias) if is_output else bias)
+        if context_dim and hidden_dims:
+            linear = nn.Linear(context_dim, hidden_dims[0])
+            raw = self.layout.append(raw, "context.weight", linear.weight)
+            raw = self.layout.append(raw, "context.bias", linear.bias)
+        if context_dim:
+            linear = nn.Linear(context_dim, dim * num_params, bias=False)
+            raw = self.layout.append(raw, "context_output.weight", linear.weight * output_scale)
+        self.raw = raw
         self.activation = activation()
         self._relu_in_place = type(self.activation) is nn.ReLU and not residual
         self.register_buffer("num_passes", torch.tensor(self._longest_chain()))
 
+    def masks(self) -> list[Tensor]:
+        """The 0/1 connectivity masks of the layers (buffers ``mask_0``, ...), output layer last."""
+        return [getattr(self, f"mask_{k}") for k in range(self.num_masks)]
+
     def connectivity(self) -> Tensor:
         """``(D, D)`` boolean matrix: entry ``[i, j]`` is True when some path connects input ``j`` to output ``i``."""
+        *hidden, output = self.masks()
         reach: Tensor | None = None
-        for layer in self.layers:
+        for mask in hidden:
             skip = reach if self.residual else 0
-            reach = layer.mask if reach is None else (layer.mask @ reach + skip).clamp(max=1)
-        out = self.output.mask[: self.dim]
+            reach = mask if reach is None else (mask @ reach + skip).clamp(max=1)
+        out = output[: self.dim]
         return (out if reach is None else out @ reach) > 0
 
     def _longest_chain(self) -> int:
@@ -195,43 +225,71 @@ class MADE(nn.Module):
             return torch.relu_(h)
         return self.activation(h)
 
-    def masked_weights(self) -> list[Tensor]:
-        """The effective (masked) weights of all layers, output layer last; compute once, reuse for many passes."""
-        return [layer.masked_weight() for layer in self.layers] + [self.output.masked_weight()]
+    def weights(self) -> MADEWeights:
+        """The layers' masked weights and biases and the context maps, read once from ``raw``; reuse for many passes."""
+        tensors = self.layout.tensors(self.raw)
+        layers = [(w * mask, b) for w, b, mask in zip(tensors[0::2], tensors[1::2], self.masks(), strict=False)]
+        context = tensors[2 * self.num_masks :]
+        if not context:
+            return MADEWeights(layers, None, None)
+        hidden = (context[0], context[1]) if len(context) == 3 else None
+        return MADEWeights(layers, hidden, context[-1])
 
-    def context_term(self, context: Tensor | None) -> tuple[Tensor | None, Tensor] | None:
+    def context_term(self, context: Tensor | None, weights: MADEWeights) -> tuple[Tensor | None, Tensor] | None:
         """The context's contributions to the first hidden layer and to the output layer (``None`` without context).
 
         The context has degree 0: it may feed every unit, including the outputs of the first coordinate in the
         order (which no hidden unit reaches), hence the direct context → output map.
         """
-        if self.context_output is None:
+        if weights.context_output is None:
             if context is not None:
                 raise ValueError("this MADE has no context input (context_dim=0) but a context was given")
             return None
         if context is None:
             raise ValueError(f"this MADE needs a context of size {self.context_dim}")
-        hidden = self.context(context) if self.context is not None else None
-        return hidden, self.context_output(context)
+        hidden = F.linear(context, *weights.context_hidden) if weights.context_hidden is not None else None
+        return hidden, F.linear(context, weights.context_output)
 
     def apply_weights(
-        self, x: Tensor, weights: Sequence[Tensor], context_term: tuple[Tensor | None, Tensor] | None = None
+        self, x: Tensor, weights: MADEWeights, context_term: tuple[Tensor | None, Tensor] | None = None
     ) -> Tensor:
-        """Run the network on ``x`` with precomputed masked ``weights``; returns ``(..., num_params, dim)``."""
+        """Run the network on ``x`` with precomputed ``weights``; returns ``(..., num_params, dim)``."""
+        *hidden, (out_weight, out_bias) = weights.layers
         h = x
-        for i, (layer, weight) in enumerate(zip(self.layers, weights, strict=False)):
-            pre = F.linear(h if i == 0 else self._activate(h), weight, layer.bias)
+        for i, (weight, bias) in enumerate(hidden):
+            pre = F.linear(h if i == 0 else self._activate(h), weight, bias)
             if i == 0 and context_term is not None and context_term[0] is not None:
                 pre = pre + context_term[0]
             h = pre + h if self.residual and i > 0 else pre
-        out = F.linear(self._activate(h) if self.layers else h, weights[-1], self.output.bias)
+        out = F.linear(self._activate(h) if hidden else h, out_weight, out_bias)
         if context_term is not None:
             out = out + context_term[1]
         return out.unflatten(-1, (self.num_params, self.dim))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Autoregressive parameters ``(..., num_params, dim)`` for inputs ``x`` of shape ``(..., dim)``."""
-        return self.apply_weights(x, self.masked_weights(), self.context_term(context))
+        weights = self.weights()
+        return self.apply_weights(x, weights, self.context_term(context, weights))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load the former format too (one ``nn.Linear`` per layer: ``layers.0.weight``, ..., ``output.mask``)."""
+        self.layout.pack_legacy(state_dict, prefix)
+        for k in range(self.num_masks):
+            old = prefix + (f"layers.{k}.mask" if k < self.num_masks - 1 else "output.mask")
+            if old in state_dict and prefix + f"mask_{k}" not in state_dict:
+                state_dict[prefix + f"mask_{k}"] = state_dict.pop(old)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         """Show the sizes in ``repr``."""

@@ -90,8 +90,8 @@ class _Autoregressive(Flow):
 
     def _sequential(self, w: Tensor, context: Tensor | None, invert: bool) -> tuple[Tensor, Tensor]:
         """Solve ``v = τ(w; θ(v))`` (or ``τ⁻¹``) by ``made.num_passes`` fixed-point passes (exact)."""
-        weights = self.made.masked_weights()
-        context_term = self.made.context_term(context)
+        weights = self.made.weights()
+        context_term = self.made.context_term(context, weights)
         step = self.elementwise.inverse if invert else self.elementwise.forward
         v, params = torch.zeros_like(w), None
         log_det = w.new_zeros(())

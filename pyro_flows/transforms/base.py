@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from pyro_flows._validation import check_size, check_widths
+from pyro_flows.nn.packed import PackedLayout
 
 Direction = Literal["forward", "inverse"]
 EventShape = int | Sequence[int]
@@ -337,8 +338,7 @@ class ParametricFlow(Flow):
         if context_hidden_dims is not None and not self.context_dim:
             raise ValueError("context_hidden_dims sets the hypernetwork of conditional flows: it needs context_dim > 0")
         widths = check_widths((64,) if context_hidden_dims is None else context_hidden_dims, "context_hidden_dims")
-        self.param_shapes: dict[str, torch.Size] = {}
-        self._raw_sizes: list[int] = []
+        self.layout = PackedLayout()
         if self.context_dim:
             layers: list[nn.Module] = []
             for a, b in itertools.pairwise([self.context_dim, *widths]):
@@ -358,20 +358,21 @@ class ParametricFlow(Flow):
         """
         if name in self.param_shapes or hasattr(self, name):
             raise ValueError(f"{type(self).__name__} already has an attribute {name!r}")
-        packed = self._parameters.get("raw")
-        flat = init.detach().reshape(-1)
-        self.raw = nn.Parameter(flat.clone() if packed is None else torch.cat([packed.detach(), flat.to(packed)]))
-        self.param_shapes[name] = init.shape
-        self._raw_sizes.append(flat.numel())
+        self.raw = self.layout.append(self._parameters.get("raw"), name, init)
         if self.context_dim and amortized and init.numel():
             head = nn.Linear(self._head_width, init.numel())
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
             self.context_heads[name] = head
 
+    @property
+    def param_shapes(self) -> dict[str, torch.Size]:
+        """The raw parameters' shapes by name, in packing order."""
+        return self.layout.shapes
+
     def __getattr__(self, name: str) -> Any:
-        shapes = self.__dict__.get("param_shapes")
-        if shapes is not None and name in shapes:  # a raw parameter: its view of the packed one
+        layout = self.__dict__.get("layout")
+        if layout is not None and name in layout.shapes:  # a raw parameter: its view of the packed one
             return self.raw_params()[name]
         return super().__getattr__(name)
 
@@ -379,8 +380,7 @@ class ParametricFlow(Flow):
         r"""The raw parameters by name: views of the packed ``raw``, or $\theta_0 + g(c)$ for a context ``c``."""
         if not self.param_shapes:
             return {}
-        views = self.raw.split(self._raw_sizes)
-        params = {name: v.view(shape) for (name, shape), v in zip(self.param_shapes.items(), views, strict=True)}
+        params = self.layout.views(self.raw)
         if context is None:
             return params
         h = self.context_net(context)
@@ -400,16 +400,7 @@ class ParametricFlow(Flow):
         error_msgs: list[str],
     ) -> None:
         """Pack a checkpoint of the former format (one entry per raw parameter) into ``raw``, then load it."""
-        legacy = [prefix + name for name in self.param_shapes]
-        if (
-            prefix + "raw" not in state_dict
-            and legacy
-            and all(
-                key in state_dict and state_dict[key].shape == shape
-                for key, shape in zip(legacy, self.param_shapes.values(), strict=True)
-            )
-        ):
-            state_dict[prefix + "raw"] = torch.cat([state_dict.pop(key).reshape(-1) for key in legacy])
+        self.layout.pack_legacy(state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
