@@ -235,6 +235,15 @@ def eight_schools() -> None:
         pyro.sample("y", dist.Normal(theta, SCHOOLS_SIGMA), obs=SCHOOLS_Y)
 
 
+def eight_schools_noncentered() -> None:
+    """Non-centered eight schools (D = 10): ``theta = mu + tau * theta_trans``, ``theta_trans ~ N(0, 1)``."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", 8):
+        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(mu + tau * theta_trans, SCHOOLS_SIGMA), obs=SCHOOLS_Y)
+
+
 def hard_rows(
     quick: bool, steps: int | None = None, slow_steps: int | None = None, only: Sequence[str] | None = None
 ) -> list[dict]:

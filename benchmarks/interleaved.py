@@ -5,7 +5,8 @@ Usage::
     python benchmarks/interleaved.py            # 15 rounds of 40 steps per guide, 1 thread
     python benchmarks/interleaved.py --quick    # 3 rounds of 10 steps (smoke run)
 
-Model: the 50-d Bayesian logistic regression of ``bench_guides.py`` (500 rows), ``Trace_ELBO`` with one particle,
+Model: the 50-d Bayesian logistic regression of ``bench_guides.py`` (500 rows; the small-model row: non-centered
+eight schools, D = 10), ``Trace_ELBO`` with one particle,
 Adam lr 0.01, one torch thread. Each pair is built once, warmed up, then timed in alternating rounds so that both
 guides see the same machine load; the ratio is Pyro's time per step over ours per round, reported as the median and
 the range over rounds. Architectures are matched where the row says so (same hidden sizes, same number of
@@ -31,7 +32,7 @@ from pyro.optim import Adam
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_guides import logistic_data, logistic_model
+from bench_guides import eight_schools_noncentered, logistic_data, logistic_model
 from harness import write
 
 from pyro_flows.guides import AutoIAF, AutoPlanar, AutoSylvester
@@ -50,6 +51,7 @@ COLUMNS = [
 D = 50
 PYRO_SYLVESTER_REFLECTIONS = D // 2 + 1  # Pyro's default count_transforms
 
+#: comparison -> (our label, our guide, Pyro's label, Pyro's guide); on the logistic regression unless in SMALL
 PAIRS: dict[str, tuple[str, Callable, str, Callable]] = {
     "AutoIAF vs AutoIAFNormal, defaults vs defaults": (
         "AutoIAF()",
@@ -75,31 +77,40 @@ PAIRS: dict[str, tuple[str, Callable, str, Callable]] = {
         "AutoNormalizingFlow(planar x 8)",
         lambda m: AutoNormalizingFlow(m, functools.partial(T.iterated, 8, T.planar)),
     ),
+    "small model (non-centered eight schools, D=10): AutoIAF vs AutoIAFNormal, defaults vs defaults": (
+        "AutoIAF()",
+        lambda m: AutoIAF(m),
+        "AutoIAFNormal()",
+        lambda m: AutoIAFNormal(m),
+    ),
 }
+#: the pairs timed on the small model (no data arguments)
+SMALL = {"small model (non-centered eight schools, D=10): AutoIAF vs AutoIAFNormal, defaults vs defaults"}
 
 
-def _stepper(make: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable[[int], float]:
+def _stepper(make: Callable, model: Callable, *args: torch.Tensor) -> Callable[[int], float]:
     """An SVI closure timing ``steps`` steps (the paired guides are of different classes: no shared parameters)."""
-    guide = make(logistic_model)
-    svi = SVI(logistic_model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    guide = make(model)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
 
     def run(steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
-            svi.step(x, y)
+            svi.step(*args)
         return (time.perf_counter() - start) / steps
 
     return run
 
 
 def measure(rounds: int, steps: int) -> list[dict]:
-    x, y = logistic_data(d=D)
+    data = logistic_data(d=D)
     rows = []
     for comparison, (ours_label, ours, pyro_label, theirs) in PAIRS.items():
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        a = _stepper(ours, x, y)
-        b = _stepper(theirs, x, y)
+        model, args = (eight_schools_noncentered, ()) if comparison in SMALL else (logistic_model, data)
+        a = _stepper(ours, model, *args)
+        b = _stepper(theirs, model, *args)
         a(5)
         b(5)
         ours_times, pyro_times = [], []

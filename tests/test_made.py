@@ -85,12 +85,12 @@ def test_context_reaches_every_output_and_keeps_the_mask() -> None:
 def test_masks_are_buffers_built_once_and_follow_the_module() -> None:
     net = MADE(DIM, 2, (8, 8), order="random")
     buffers = dict(net.named_buffers())
-    assert {"degrees", "num_passes", "mask_0", "mask_1", "mask_2"} <= set(buffers)
-    mask = net.mask_0
+    assert {"degrees", "num_passes", "raw_mask"} <= set(buffers)
+    mask = net.raw_mask
     net(torch.randn(3, DIM))
-    assert net.mask_0 is mask
+    assert net.raw_mask is mask
     net = net.double()
-    assert net.mask_0.dtype == torch.float64
+    assert net.raw_mask.dtype == torch.float64 and net.masks()[0].dtype == torch.float64
     clone = MADE(DIM, 2, (8, 8), order="natural")
     buffer = io.BytesIO()
     torch.save(net.float().state_dict(), buffer)
@@ -113,10 +113,10 @@ def test_weights_are_one_packed_parameter_and_former_checkpoints_load(context_di
         views["output.bias"][0] = 7.0
     assert net.layout.views(net.raw.detach())["output.bias"][0] == 7.0
     # the former format: one nn.Linear per layer (layers.k.weight/bias/mask, output.*, context.*)
-    legacy = {key: value for key, value in net.state_dict().items() if key != "raw" and not key.startswith("mask_")}
+    legacy = {key: value for key, value in net.state_dict().items() if key not in ("raw", "raw_mask")}
     legacy.update({key: value.clone() for key, value in net.layout.views(net.raw.detach()).items()})
-    legacy.update({f"layers.{k}.mask": getattr(net, f"mask_{k}") for k in range(2)})
-    legacy["output.mask"] = net.mask_2
+    masks = net.masks()
+    legacy.update({"layers.0.mask": masks[0], "layers.1.mask": masks[1], "output.mask": masks[2]})
     torch.manual_seed(9)
     clone = MADE(DIM, 2, (8, 8), context_dim=context_dim, order="random").double()
     clone.load_state_dict(legacy)

@@ -6,10 +6,10 @@ units of degree $\le k$, an output attached to input $i$ may read units of degre
 output for coordinate $i$ is therefore a function of $\{x_j : r_j < r_i\}$ only, whatever the weights:
 the Jacobian of the network's outputs w.r.t. its inputs is strictly triangular in the order.
 
-Masks are built once (buffers, saved in ``state_dict`` and moved with the module); each forward multiplies each
-weight by its mask once and runs plain ``F.linear`` layers. All weights and biases are views of one packed
-parameter, ``raw`` ([`PackedLayout`][pyro_flows.nn.PackedLayout]): one tensor for an optimizer and for Pyro's
-parameter store instead of two per layer. Hidden widths may be smaller than D: hidden degrees are
+All weights and biases are views of one packed parameter, ``raw`` ([`PackedLayout`][pyro_flows.nn.PackedLayout]):
+one tensor for an optimizer and for Pyro's parameter store instead of two per layer. The masks are built once and
+packed the same way (buffer ``raw_mask``, 1 on biases; saved in ``state_dict`` and moved with the module): each
+forward masks every weight with one multiplication ``raw * raw_mask`` and runs plain ``F.linear`` layers. Hidden widths may be smaller than D: hidden degrees are
 then spread evenly over $1..D-1$ (fewer connections, still autoregressive). A context vector enters the first
 layer through an unmasked linear map (degree 0: every unit may read it).
 """
@@ -170,8 +170,6 @@ class MADE(nn.Module):
         masks = [(d_out[:, None] >= d_in[None, :]) for d_in, d_out in itertools.pairwise(layer_degrees)]
         masks.append(degrees.repeat(num_params)[:, None] > layer_degrees[-1][None, :])
         self.num_masks = len(masks)
-        for k, mask in enumerate(masks):
-            self.register_buffer(f"mask_{k}", mask.to(torch.get_default_dtype()))
         # nn.Linear's initialization, drawn in the order of the former one-module-per-layer network (same draws for
         # a given seed); the output layer and the context's direct map start at output_scale times it
         self.layout = PackedLayout()
@@ -191,13 +189,18 @@ class MADE(nn.Module):
             linear = nn.Linear(context_dim, dim * num_params, bias=False)
             raw = self.layout.append(raw, "context_output.weight", linear.weight * output_scale)
         self.raw = raw
+        # the masks packed like ``raw`` (1 on biases and context maps): one multiplication masks every weight
+        raw_mask = torch.ones_like(raw.detach())
+        for view, mask in zip(self.layout.tensors(raw_mask)[0::2], masks, strict=False):
+            view.copy_(mask)
+        self.register_buffer("raw_mask", raw_mask)
         self.activation = activation()
         self._relu_in_place = type(self.activation) is nn.ReLU and not residual
         self.register_buffer("num_passes", torch.tensor(self._longest_chain()))
 
     def masks(self) -> list[Tensor]:
-        """The 0/1 connectivity masks of the layers (buffers ``mask_0``, ...), output layer last."""
-        return [getattr(self, f"mask_{k}") for k in range(self.num_masks)]
+        """The 0/1 connectivity masks of the layers (views of the buffer ``raw_mask``), output layer last."""
+        return self.layout.tensors(self.raw_mask)[0 : 2 * self.num_masks : 2]
 
     def connectivity(self) -> Tensor:
         """``(D, D)`` boolean matrix: entry ``[i, j]`` is True when some path connects input ``j`` to output ``i``."""
@@ -219,16 +222,18 @@ class MADE(nn.Module):
 
     def _activate(self, h: Tensor) -> Tensor:
         # hidden pre-activations are fresh tensors that nothing else reads (no skip connections): ReLU may overwrite
-        # them (the linear maps' backward does not need their outputs), saving one allocation per layer; not under
-        # torch.jit.trace (JitTrace_ELBO), whose traced graph rejects in-place updates of these tensors
-        if self._relu_in_place and not torch.jit.is_tracing():
+        # them (the linear maps' backward does not need their outputs), saving one allocation per layer. Not for a
+        # view (F.linear of an unbatched vector returns one; an in-place op on it costs a CopySlices node in the
+        # backward, slower than the allocation saved) and not under torch.jit.trace (JitTrace_ELBO), whose traced
+        # graph rejects in-place updates of these tensors
+        if self._relu_in_place and h._base is None and not torch.jit.is_tracing():
             return torch.relu_(h)
         return self.activation(h)
 
     def weights(self) -> MADEWeights:
         """The layers' masked weights and biases and the context maps, read once from ``raw``; reuse for many passes."""
-        tensors = self.layout.tensors(self.raw)
-        layers = [(w * mask, b) for w, b, mask in zip(tensors[0::2], tensors[1::2], self.masks(), strict=False)]
+        tensors = self.layout.tensors(self.raw * self.raw_mask)
+        layers = list(zip(tensors[0 : 2 * self.num_masks : 2], tensors[1 : 2 * self.num_masks : 2], strict=True))
         context = tensors[2 * self.num_masks :]
         if not context:
             return MADEWeights(layers, None, None)
@@ -283,10 +288,12 @@ class MADE(nn.Module):
     ) -> None:
         """Load the former format too (one ``nn.Linear`` per layer: ``layers.0.weight``, ..., ``output.mask``)."""
         self.layout.pack_legacy(state_dict, prefix)
-        for k in range(self.num_masks):
-            old = prefix + (f"layers.{k}.mask" if k < self.num_masks - 1 else "output.mask")
-            if old in state_dict and prefix + f"mask_{k}" not in state_dict:
-                state_dict[prefix + f"mask_{k}"] = state_dict.pop(old)
+        old = [prefix + (f"layers.{k}.mask" if k < self.num_masks - 1 else "output.mask") for k in range(self.num_masks)]
+        if prefix + "raw_mask" not in state_dict and all(key in state_dict for key in old):
+            mask = torch.ones_like(self.raw_mask)
+            for view, key in zip(self.layout.tensors(mask)[0 : 2 * self.num_masks : 2], old, strict=True):
+                view.copy_(state_dict.pop(key))
+            state_dict[prefix + "raw_mask"] = mask
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
