@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pyro.distributions as dist
@@ -166,20 +167,34 @@ def test_spline_round_trip_at_large_conditioner_outputs_float32(scale: float) ->
     assert torch.isfinite(x_rec).all()
 
 
-def test_spline_flow_round_trip_with_scaled_conditioner() -> None:
-    # seeded: at these conditioner scales the sequential (sampling) direction of a spline MAF amplifies round-off
-    # through steep bins, and about a third of random draws miss 1e-8 (up to 3e-3 at scale 10; known, not fixed)
-    torch.manual_seed(6)
+@pytest.mark.parametrize("seed", range(4))
+def test_spline_flow_round_trip_with_scaled_conditioner(seed: int) -> None:
+    """The sequential (sampling) direction of a spline MAF is backward stable at large conditioner scales.
+
+    At scales 5-10 the map is ill-conditioned (steep bins, and parameters that move fast with the earlier
+    coordinates), so ``flow(flow.inv(y))`` can miss ``y`` by far more than 1e-8 on some draws. That is the
+    conditioning of the map, not an error of the passes: the computed ``y' = flow(x)`` maps back to ``x`` to
+    round-off (backward error ~1e-15), and its forward error stays within the first-order bound
+    ``||J|| ||x|| eps`` of a perfectly rounded input (``J`` the Jacobian of the map at ``x``, max norms).
+    """
+    torch.manual_seed(seed)
+    eps = torch.finfo(torch.float64).eps
     for scale in (5.0, 10.0):
         flow = SplineMaskedAutoregressive(DIM, (16,)).double()
         with torch.no_grad():
             out = flow.made.layout.views(flow.made.raw)
             out["output.weight"].normal_(0, scale / 4)
             out["output.bias"].normal_(0, scale)
-        y = 2 * torch.randn(50, DIM, dtype=torch.float64)
+        y = 2 * torch.randn(20, DIM, dtype=torch.float64)
         x = flow.inv(y)
         flow.clear_cache()
-        assert (flow(x) - y).abs().max() < 1e-8
+        y_again = flow(x)
+        flow.clear_cache()
+        assert (flow.inv(y_again) - x).abs().max() < 1e-12
+        forward = functools.partial(lambda f, v: f._forward_and_log_det(v, None)[0], flow)
+        for x_i, y_i, y_again_i in zip(x, y, y_again, strict=True):
+            jac = jacobian(forward, x_i)
+            assert (y_again_i - y_i).abs().max() <= 8 * eps * jac.abs().sum(-1).max() * x_i.abs().max() + 1e-13
 
 
 def test_spline_is_identity_at_zero_and_outside_the_bound() -> None:
