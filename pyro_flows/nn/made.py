@@ -9,9 +9,10 @@ the Jacobian of the network's outputs w.r.t. its inputs is strictly triangular i
 All weights and biases are views of one packed parameter, ``raw`` ([`PackedLayout`][pyro_flows.nn.PackedLayout]):
 one tensor for an optimizer and for Pyro's parameter store instead of two per layer. The masks are built once and
 packed the same way (buffer ``raw_mask``, 1 on biases; saved in ``state_dict`` and moved with the module): each
-forward masks every weight with one multiplication ``raw * raw_mask`` and runs plain ``F.linear`` layers. Hidden widths may be smaller than D: hidden degrees are
-then spread evenly over $1..D-1$ (fewer connections, still autoregressive). A context vector enters the first
-layer through an unmasked linear map (degree 0: every unit may read it).
+forward masks every weight with one multiplication ``raw * raw_mask`` and runs plain ``F.linear`` layers. Hidden
+widths may be smaller than D: hidden degrees are then spread evenly over $1..D-1$ (fewer connections, still
+autoregressive). A context vector enters the first layer through an unmasked linear map (degree 0: every unit may
+read it).
 """
 
 from __future__ import annotations
@@ -276,27 +277,16 @@ class MADE(nn.Module):
         weights = self.weights()
         return self.apply_weights(x, weights, self.context_term(context, weights))
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Load the former format too (one ``nn.Linear`` per layer: ``layers.0.weight``, ..., ``output.mask``)."""
         self.layout.pack_legacy(state_dict, prefix)
-        old = [prefix + (f"layers.{k}.mask" if k < self.num_masks - 1 else "output.mask") for k in range(self.num_masks)]
+        old = [f"{prefix}layers.{k}.mask" for k in range(self.num_masks - 1)] + [f"{prefix}output.mask"]
         if prefix + "raw_mask" not in state_dict and all(key in state_dict for key in old):
             mask = torch.ones_like(self.raw_mask)
             for view, key in zip(self.layout.tensors(mask)[0 : 2 * self.num_masks : 2], old, strict=True):
                 view.copy_(state_dict.pop(key))
             state_dict[prefix + "raw_mask"] = mask
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         """Show the sizes in ``repr``."""
