@@ -218,3 +218,69 @@ def test_a_one_dimensional_latent_takes_coupling_flows() -> None:
         assert all(layer.context_dim == HIDDEN for layer in guide.flows)
         elbo = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
         assert math.isfinite(elbo.loss(scalar_model, guide, torch.randn(5, DATA)))
+
+
+def _iaf_log_dets(guide: AmortizedFlowGuide, x: torch.Tensor) -> torch.Tensor:
+    """Log-dets of each IAF layer of the guide at its own samples, shape ``(layers, batch)``."""
+    _, _, h = guide.encode(x)
+    z = torch.randn(len(x), LATENT)
+    log_dets = []
+    for layer, transform in zip(guide.flows, guide.transforms(h), strict=True):
+        y = transform(z)
+        if not isinstance(layer, Permutation):
+            log_dets.append(transform.log_abs_det_jacobian(z, y))
+        z = y
+    return torch.stack(log_dets)
+
+
+def test_iaf_defaults_to_the_affine_update_and_gated_is_one_option_away() -> None:
+    from pyro_flows.guides.amortized import AMORTIZED_FAMILY_DEFAULTS
+    from pyro_flows.transforms._network_flows import AffineMap, GatedMap
+
+    assert AMORTIZED_FAMILY_DEFAULTS["iaf"] == {"gated": False}
+    x = torch.randn(64, DATA)
+    pyro.set_rng_seed(1)
+    default = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2)
+    pyro.set_rng_seed(1)
+    explicit = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2, flow_kwargs={"gated": False})
+    gated = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2, flow_kwargs={"gated": True})
+    iaf_layers = [layer for layer in default.flows if not isinstance(layer, Permutation)]
+    assert len(iaf_layers) == 2 and all(isinstance(layer.elementwise, AffineMap) for layer in iaf_layers)
+    assert all(isinstance(layer.elementwise, GatedMap) for layer in gated.flows if not isinstance(layer, Permutation))
+    # the default is the explicit affine guide, draw for draw; the gated one has the same parameters (shapes)
+    assert default.state_dict().keys() == explicit.state_dict().keys()
+    assert all(torch.equal(value, explicit.state_dict()[key]) for key, value in default.state_dict().items())
+    assert {k: v.shape for k, v in gated.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    # behaviour: the affine update log e^s = s takes both signs (scales up and down); the gated one only shrinks
+    for guide in (default, gated):
+        perturb(guide)
+    with torch.no_grad():
+        affine_ld, gated_ld = _iaf_log_dets(default, x), _iaf_log_dets(gated, x)
+    assert (affine_ld > 0).any() and (affine_ld < 0).any()
+    assert (gated_ld < 0).all()
+    # the defaults reach every block containing the family, and the gated options still work when asked for
+    block = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow=("planar", "iaf"), num_flows=1)
+    assert isinstance(block.flows[1].elementwise, AffineMap)
+    biased = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", flow_kwargs={"gated": True, "gate_bias": 3.0})
+    assert biased.flows[0].elementwise.gate_bias == 3.0
+    with pytest.raises(ValueError, match="gate_bias sets the gated update"):
+        AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", flow_kwargs={"gate_bias": 3.0})
+
+
+def test_auto_local_flow_builds_its_iaf_locals_with_the_amortized_defaults() -> None:
+    from pyro_flows.guides import AutoLocalFlow
+    from pyro_flows.transforms._network_flows import AffineMap, GatedMap
+
+    def hierarchical(y: torch.Tensor, subsample_size: int | None = None) -> None:
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", len(y), subsample_size=subsample_size) as idx:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            with pyro.plate("points", y.shape[1]):
+                pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx].T)
+
+    y = torch.randn(40, 3)
+    for local_flow_kwargs, kind in ((None, AffineMap), ({"gated": True}, GatedMap)):
+        guide = AutoLocalFlow(hierarchical, hidden_dims=(8,), num_flows=1, local_flow_kwargs=local_flow_kwargs)
+        guide(y, subsample_size=8)
+        iaf = [layer for layer in guide.local_guide.flows if not isinstance(layer, Permutation)]
+        assert len(iaf) == 2 and all(isinstance(layer.elementwise, kind) for layer in iaf)
