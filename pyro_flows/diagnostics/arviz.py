@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,21 +72,26 @@ def _pad_draws(draws: Mapping[str, Tensor], sites: ModelSites, parallel: bool) -
     return out
 
 
-def _guide_draws(
-    model: Callable[..., Any],
-    guide: Callable[..., Any],
-    sites: ModelSites,
-    num_samples: int,
-    parallel: bool | None,
-    args: tuple,
-    kwargs: Mapping[str, Any],
-) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class _Runs:
+    """How to run a model over ``num_samples`` draws: its sites and arguments, vectorized or not (``None``: try)."""
+
+    model: Callable[..., Any]
+    sites: ModelSites
+    args: tuple
+    kwargs: Mapping[str, Any]
+    num_samples: int
+    parallel: bool | None
+
+
+def _guide_draws(runs: _Runs, guide: Callable[..., Any]) -> dict[str, Tensor]:
     """Guide draws of the latent sites, replayed through the model for the deterministic sites.
 
     Vectorized, the guide and the model run once inside a plate of ``num_samples`` draws left of the model's
     plates (`Predictive` with a guide would lose the plate padding of sites with event
     dimensions when the guide has fewer plates than the model); sequentially, once per draw.
     """
+    model, sites, args, kwargs, num_samples = runs.model, runs.sites, runs.args, runs.kwargs, runs.num_samples
     names = sites.names("latent") + sites.names("deterministic")
 
     def run_once() -> dict[str, Tensor]:
@@ -101,7 +107,7 @@ def _guide_draws(
             per_draw = [run_once() for _ in range(num_samples)]
             return {n: torch.stack([d[n] for d in per_draw]) for n in names}
 
-    return _reshape_draws(_try_parallel(draw, parallel, "posterior sampling"), sites, num_samples)
+    return _reshape_draws(_try_parallel(draw, runs.parallel, "posterior sampling"), sites, num_samples)
 
 
 def _batch_log_prob(site: Mapping[str, Any], batch_shape: torch.Size) -> Tensor:
@@ -110,15 +116,8 @@ def _batch_log_prob(site: Mapping[str, Any], batch_shape: torch.Size) -> Tensor:
     return log_prob.reshape(log_prob.shape[log_prob.dim() - len(batch_shape) :]).expand(batch_shape)
 
 
-def _log_likelihood(
-    model: Callable[..., Any],
-    latents: Mapping[str, Tensor],
-    sites: ModelSites,
-    num_samples: int,
-    parallel: bool | None,
-    args: tuple,
-    kwargs: Mapping[str, Any],
-) -> dict[str, Tensor]:
+def _log_likelihood(runs: _Runs, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    model, sites, args, kwargs, num_samples = runs.model, runs.sites, runs.args, runs.kwargs, runs.num_samples
     observed = sites.names("observed")
     batch_shapes = {n: sites.sites[n].shape[: len(sites.sites[n].shape) - sites.sites[n].event_dim] for n in observed}
 
@@ -143,7 +142,7 @@ def _log_likelihood(
                     per_draw[name].append(_batch_log_prob(trace.nodes[name], batch_shapes[name]))
             return {name: torch.stack(values) for name, values in per_draw.items()}
 
-    return _try_parallel(compute, parallel, "log-likelihood")
+    return _try_parallel(compute, runs.parallel, "log-likelihood")
 
 
 class _UnconditionObserved(UnconditionMessenger):
@@ -158,28 +157,19 @@ class _UnconditionObserved(UnconditionMessenger):
         super()._pyro_sample(msg)
 
 
-def _posterior_predictive(
-    model: Callable[..., Any],
-    latents: Mapping[str, Tensor],
-    sites: ModelSites,
-    num_samples: int,
-    parallel: bool | None,
-    args: tuple,
-    kwargs: Mapping[str, Any],
-) -> dict[str, Tensor]:
-    observed = sites.names("observed")
-
+def _posterior_predictive(runs: _Runs, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
     def draw(par: bool) -> dict[str, Tensor]:
         with torch.no_grad():
             predictive = Predictive(
-                _UnconditionObserved()(model),
-                posterior_samples=_pad_draws(latents, sites, par),
-                return_sites=observed,
+                _UnconditionObserved()(runs.model),
+                posterior_samples=_pad_draws(latents, runs.sites, par),
+                return_sites=runs.sites.names("observed"),
                 parallel=par,
             )
-            return predictive(*args, **kwargs)
+            return predictive(*runs.args, **runs.kwargs)
 
-    return _reshape_draws(_try_parallel(draw, parallel, "posterior-predictive sampling"), sites, num_samples)
+    drawn = _try_parallel(draw, runs.parallel, "posterior-predictive sampling")
+    return _reshape_draws(drawn, runs.sites, runs.num_samples)
 
 
 def _numpy(values: Mapping[str, Tensor], chain: bool = True) -> dict[str, np.ndarray]:
@@ -274,7 +264,7 @@ def _assemble(
 ) -> az.InferenceData:
     """The InferenceData of posterior draws ``(num_samples, *site_shape)`` of every latent (and deterministic) site."""
     latents = {name: posterior[name] for name in sites.names("latent")}
-    num_samples = len(next(iter(latents.values())))
+    runs = _Runs(model, sites, args, kwargs, len(next(iter(latents.values()))), parallel)
     observed = sites.names("observed")
     all_dims = {name: list(site.dims) for name, site in sites.sites.items()}
     all_dims.update(dict(dims or {}))
@@ -282,12 +272,10 @@ def _assemble(
     if observed:
         groups["observed_data"] = _numpy({n: sites.sites[n].value for n in observed}, chain=False)
         if posterior_predictive:
-            groups["posterior_predictive"] = _numpy(
-                _posterior_predictive(model, latents, sites, num_samples, parallel, args, kwargs)
-            )
+            groups["posterior_predictive"] = _numpy(_posterior_predictive(runs, latents))
     idata = az.from_dict(**groups, coords=dict(coords or {}), dims=all_dims, attrs={"inference_library": "pyro"})
     if observed and log_likelihood:
-        values = _numpy(_log_likelihood(model, latents, sites, num_samples, parallel, args, kwargs))
+        values = _numpy(_log_likelihood(runs, latents))
         ll_dims = {}
         for name in observed:
             site = sites.sites[name]
@@ -368,7 +356,7 @@ def to_inference_data(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     sites = inspect_model(model, guide, args, kwargs)
     sites.require_full_data("to_inference_data")
-    posterior = _guide_draws(model, guide, sites, num_samples, parallel, args, kwargs)
+    posterior = _guide_draws(_Runs(model, sites, args, kwargs, num_samples, parallel), guide)
     idata = _assemble(
         model, sites, posterior, args, kwargs, posterior_predictive, log_likelihood, parallel, coords, dims
     )
