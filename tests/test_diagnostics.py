@@ -296,6 +296,14 @@ def test_fit_svi_records_and_plots_the_elbo():
         fit_svi(conjugate_model, guide, y, num_steps=-1)
 
 
+def test_plot_elbo_keeps_earlier_traces_on_a_shared_axis_in_view():
+    # regression: each call set the y-limits from its own trace only, hiding the traces drawn before it
+    ax = plot_elbo([-100.0] * 50, label="a")
+    plot_elbo([-10.0 - 0.01 * i for i in range(50)], ax=ax, label="b")
+    low, high = ax.get_ylim()
+    assert low <= -100.0 and high >= -10.05  # both traces (past their first 10 %) in view
+
+
 def _store_values() -> dict[str, torch.Tensor]:
     store = pyro.get_param_store()
     return {name: store.get_param(name).unconstrained().detach().clone() for name in store.get_all_param_names()}

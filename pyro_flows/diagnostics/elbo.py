@@ -289,6 +289,7 @@ def plot_elbo(
     trace = trace if isinstance(trace, ELBOTrace) else ELBOTrace(elbo=[float(v) for v in trace])
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
+    earlier = ax.get_ylim() if ax.lines else None  # traces already on the axis stay in view
     steps = np.arange(1, len(trace.elbo) + 1)
     (line,) = ax.plot(steps, trace.smoothed(window), label=label)
     ax.plot(steps, trace.elbo, color=line.get_color(), alpha=0.25, linewidth=0.7)
@@ -296,7 +297,10 @@ def plot_elbo(
     if values.size > 10:
         low, high = np.percentile(values[values.size // 10 :], [1, 100])
         margin = 0.1 * (high - low + 1e-9)
-        ax.set_ylim(low - margin, high + margin)
+        low, high = low - margin, high + margin
+        if earlier is not None:
+            low, high = min(low, earlier[0]), max(high, earlier[1])
+        ax.set_ylim(low, high)
     ax.set_xlabel("SVI step")
     ax.set_ylabel("ELBO (nats)")
     if label is not None:
