@@ -25,7 +25,6 @@ the uninterrupted one.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -39,14 +38,10 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from pyro_flows._distributed import World
 from pyro_flows._validation import check_real, check_size
-
-if importlib.util.find_spec("ipywidgets") is not None:
-    from tqdm.auto import tqdm
-else:  # tqdm.auto warns (TqdmWarning) in Jupyter without ipywidgets: text bars, which work everywhere
-    from tqdm.std import tqdm
 
 __all__ = [
     "Checkpoint",

@@ -29,19 +29,6 @@ assert before == after, (before, after)
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_progress_bars_do_not_warn_in_jupyter_without_ipywidgets() -> None:
-    # regression: tqdm.auto picks its notebook bar inside a Jupyter kernel and, without ipywidgets, every bar
-    # printed a TqdmWarning (with a local path) into the notebooks' outputs
-    import importlib.util
-
-    import tqdm.std
-
-    from pyro_flows import training
-
-    if importlib.util.find_spec("ipywidgets") is None:
-        assert training.tqdm is tqdm.std.tqdm
-
-
 def test_unknown_flow_name_lists_the_registered_ones() -> None:
     with pytest.raises(KeyError, match=r"registered flows are: .*elementwise_affine"):
         registry["no_such_flow"]
