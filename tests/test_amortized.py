@@ -265,22 +265,3 @@ def test_iaf_defaults_to_the_affine_update_and_gated_is_one_option_away() -> Non
     assert biased.flows[0].elementwise.gate_bias == 3.0
     with pytest.raises(ValueError, match="gate_bias sets the gated update"):
         AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", flow_kwargs={"gate_bias": 3.0})
-
-
-def test_auto_local_flow_builds_its_iaf_locals_with_the_amortized_defaults() -> None:
-    from pyro_flows.guides import AutoLocalFlow
-    from pyro_flows.transforms._network_flows import AffineMap, GatedMap
-
-    def hierarchical(y: torch.Tensor, subsample_size: int | None = None) -> None:
-        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-        with pyro.plate("groups", len(y), subsample_size=subsample_size) as idx:
-            z = pyro.sample("z", dist.Normal(mu, 1.0))
-            with pyro.plate("points", y.shape[1]):
-                pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx].T)
-
-    y = torch.randn(40, 3)
-    for local_flow_kwargs, kind in ((None, AffineMap), ({"gated": True}, GatedMap)):
-        guide = AutoLocalFlow(hierarchical, hidden_dims=(8,), num_flows=1, local_flow_kwargs=local_flow_kwargs)
-        guide(y, subsample_size=8)
-        iaf = [layer for layer in guide.local_guide.flows if not isinstance(layer, Permutation)]
-        assert len(iaf) == 2 and all(isinstance(layer.elementwise, kind) for layer in iaf)

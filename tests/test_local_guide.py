@@ -320,6 +320,19 @@ def test_pickle_deepcopy_torch_save_and_state_dict_round_trips(data) -> None:
     assert pickle.loads(pickle.dumps(untrained))(*data, subsample_size=4)["beta"].shape == (4, DIM)
 
 
+def test_the_local_iaf_has_the_amortized_guides_affine_default() -> None:
+    from pyro_flows.transforms import Permutation
+    from pyro_flows.transforms._network_flows import AffineMap, GatedMap
+
+    y = torch.randn(40, 3)
+    for local_flow_kwargs, kind in ((None, AffineMap), ({"gated": True}, GatedMap)):
+        pyro.clear_param_store()
+        guide = AutoLocalFlow(nested, hidden_dims=(8,), num_flows=1, local_flow_kwargs=local_flow_kwargs)
+        guide(y, subsample_size=8)
+        iaf = [layer for layer in guide.local_guide.flows if not isinstance(layer, Permutation)]
+        assert len(iaf) == 2 and all(isinstance(layer.elementwise, kind) for layer in iaf)
+
+
 def test_amortized_guide_init_scale_starts_at_a_constant_gaussian() -> None:
     from torch import nn
 
