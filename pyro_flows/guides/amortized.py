@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from pyro_flows._validation import check_real
-from pyro_flows.guides.autoflow import guide_flows
+from pyro_flows.guides.autoflow import family_defaults, guide_flows
 from pyro_flows.transforms.base import ConditionalFlow, Flow, check_size
-from pyro_flows.transforms.stack import FlowSpec, PermutationRule, condition_flows, flow_names
+from pyro_flows.transforms.stack import FlowSpec, PermutationRule, condition_flows
 
 __all__ = ["AMORTIZED_FAMILY_DEFAULTS", "AmortizedFlowGuide"]
 
@@ -172,11 +172,7 @@ class AmortizedFlowGuide(nn.Module):
         plain, kwargs = flow is None or flow == "none", dict(flow_kwargs or {})
         if not plain and (isinstance(flow, str) or all(isinstance(f, str) for f in flow)):
             num_flows = 1 if num_flows is None else num_flows
-            defaults = {
-                key: value
-                for family in flow_names(flow)
-                for key, value in AMORTIZED_FAMILY_DEFAULTS.get(family, {}).items()
-            }
+            defaults = family_defaults(flow, AMORTIZED_FAMILY_DEFAULTS)
             layers = guide_flows(
                 flow,
                 latent_dim,

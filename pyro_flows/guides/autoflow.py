@@ -56,7 +56,15 @@ from torch.distributions import Transform, biject_to
 from pyro_flows.guides.laplace import find_map, laplace_factors, log_joint_fn
 from pyro_flows.transforms.stack import PermutationRule, build_flows, flow_names
 
-__all__ = ["GUIDE_FAMILY_DEFAULTS", "ONE_DIM_FAMILIES", "AutoFlow", "FlowSpec", "flow_optim_args", "guide_flows"]
+__all__ = [
+    "GUIDE_FAMILY_DEFAULTS",
+    "ONE_DIM_FAMILIES",
+    "AutoFlow",
+    "FlowSpec",
+    "family_defaults",
+    "flow_optim_args",
+    "guide_flows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +155,17 @@ class CheckedSettings:
         if differ := [key for key in {**ours, **state} if state.get(key) != ours.get(key)]:
             text = "; ".join(f"{key}: {state.get(key)!r} in the checkpoint, {ours.get(key)!r} here" for key in differ)
             raise ValueError(f"the checkpoint's guide has other settings ({text}); build one with them to load it")
+
+
+def family_defaults(flow: FlowSpec, table: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The options ``table`` (family name → options) gives the families of ``flow``, for ``build_flows(defaults=)``.
+
+    Examples:
+        >>> family_defaults(("planar", "iaf"), GUIDE_FAMILY_DEFAULTS)
+        {'gated': False, 'hidden_dims': (32, 32)}
+
+    """
+    return {key: value for name in flow_names(flow) for key, value in table.get(name, {}).items()}
 
 
 def guide_flows(flow: str | Sequence[str], dim: int, num_flows: int, **kwargs: Any) -> list[Transform]:
@@ -305,9 +324,7 @@ class AutoFlow(CheckedSettings, AutoContinuous):
             if {"context_dim", "context_hidden_dims"} & set(flow_kwargs):
                 raise TypeError("AutoFlow's flows are unconditional: context_dim and context_hidden_dims do not apply")
             num_flows = self.num_flows if num_flows is None else num_flows
-            defaults = {
-                key: value for name in flow_names(flow) for key, value in GUIDE_FAMILY_DEFAULTS.get(name, {}).items()
-            }
+            defaults = family_defaults(flow, GUIDE_FAMILY_DEFAULTS)
             # one throwaway stack checks the spec and every option, on the CPU, leaving every random state alone, at
             # a small size: 2, or the size a dimension-sized option names (a coupling mask, Sylvester's num_hidden)
             mask, hidden = flow_kwargs.get("mask"), flow_kwargs.get("num_hidden")
