@@ -192,16 +192,20 @@ class MADE(nn.Module):
         self.raw = raw
         # the masks packed like ``raw`` (1 on biases and context maps): one multiplication masks every weight
         raw_mask = torch.ones_like(raw.detach())
-        for view, mask in zip(self.layout.tensors(raw_mask)[0::2], masks, strict=False):
+        for (view, _), mask in zip(self._layers(self.layout.tensors(raw_mask)), masks, strict=True):
             view.copy_(mask)
         self.register_buffer("raw_mask", raw_mask)
         self.activation = activation()
         self._relu_in_place = type(self.activation) is nn.ReLU and not residual
         self.register_buffer("num_passes", torch.tensor(self._longest_chain()))
 
+    def _layers(self, tensors: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """``(weight, bias)`` of each layer, output layer last, from the tensors of something packed like ``raw``."""
+        return list(zip(tensors[0 : 2 * self.num_masks : 2], tensors[1 : 2 * self.num_masks : 2], strict=True))
+
     def masks(self) -> list[Tensor]:
         """The 0/1 connectivity masks of the layers (views of the buffer ``raw_mask``), output layer last."""
-        return self.layout.tensors(self.raw_mask)[0 : 2 * self.num_masks : 2]
+        return [mask for mask, _ in self._layers(self.layout.tensors(self.raw_mask))]
 
     def connectivity(self) -> Tensor:
         """``(D, D)`` boolean matrix: entry ``[i, j]`` is True when some path connects input ``j`` to output ``i``."""
@@ -234,8 +238,7 @@ class MADE(nn.Module):
     def weights(self) -> MADEWeights:
         """The layers' masked weights and biases and the context maps, read once from ``raw``; reuse for many passes."""
         tensors = self.layout.tensors(self.raw * self.raw_mask)
-        layers = list(zip(tensors[0 : 2 * self.num_masks : 2], tensors[1 : 2 * self.num_masks : 2], strict=True))
-        context = tensors[2 * self.num_masks :]
+        layers, context = self._layers(tensors), tensors[2 * self.num_masks :]
         if not context:
             return MADEWeights(layers, None, None)
         hidden = (context[0], context[1]) if len(context) == 3 else None
@@ -283,7 +286,7 @@ class MADE(nn.Module):
         old = [f"{prefix}layers.{k}.mask" for k in range(self.num_masks - 1)] + [f"{prefix}output.mask"]
         if prefix + "raw_mask" not in state_dict and all(key in state_dict for key in old):
             mask = torch.ones_like(self.raw_mask)
-            for view, key in zip(self.layout.tensors(mask)[0 : 2 * self.num_masks : 2], old, strict=True):
+            for (view, _), key in zip(self._layers(self.layout.tensors(mask)), old, strict=True):
                 view.copy_(state_dict.pop(key))
             state_dict[prefix + "raw_mask"] = mask
         super()._load_from_state_dict(state_dict, prefix, *args)
