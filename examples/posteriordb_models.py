@@ -3,7 +3,7 @@
 The models follow the Stan programs of the public posteriordb repository (``posterior_database/models/stan``)
 statement by statement; site names and shapes match
 the reference draws (``theta``, ``beta``, ``sigma``, ...), so a guide's ``InferenceData`` compares directly with
-:func:`pyro_flows.diagnostics.read_posteriordb_draws`.
+`pyro_flows.diagnostics.read_posteriordb_draws`.
 
 Stan's improper flat priors (no sampling statement) become the vague proper priors ``N(0, 1000²)`` on real
 coefficients and ``HalfNormal(1000)`` on scales: Pyro's ``Predictive`` and autoguide initializations sample every
@@ -207,10 +207,10 @@ def gp_regr(x: Tensor, y: Tensor | None = None) -> None:
 
 
 class PositiveOrderedNormal(dist.TorchDistribution):
-    r"""Independent normals restricted to the positive ordered cone :math:`0 < x_1 < \dots < x_K`.
+    r"""Independent normals restricted to the positive ordered cone $0 < x_1 < \dots < x_K$.
 
-    ``log_prob`` is :math:`\sum_k \log N(x_k \mid loc_k, scale_k)` on the cone (``-inf`` outside), without the
-    normalizer :math:`\log P(0 < X_1 < \dots < X_K)`: the density of Stan's ``positive_ordered[K] mu`` with
+    ``log_prob`` is $\sum_k \log N(x_k \mid loc_k, scale_k)$ on the cone (``-inf`` outside), without the
+    normalizer $\log P(0 < X_1 < \dots < X_K)$: the density of Stan's ``positive_ordered[K] mu`` with
     ``target += normal_lpdf(mu[k] | loc[k], scale[k])`` statements. Its support is
     ``constraints.positive_ordered_vector``, so autoguides map it to unconstrained space with
     ``biject_to`` (Pyro's ordered-then-exp transform, not Stan's ``mu[1] = exp(u[1])``,
@@ -270,7 +270,7 @@ def hmm_example(y: Tensor, num_states: int = 2) -> None:
 
     ``theta1``, ``theta2``: simplex rows of the transition matrix (Stan's implicit uniform prior is
     ``Dirichlet(1, 1)``); ``mu``: ``positive_ordered`` state means with ``N(3, 1)``, ``N(10, 1)`` prior terms
-    (:class:`PositiveOrderedNormal`); ``y[t] ~ N(mu[z[t]], 1)``. The forward recursion
+    (`PositiveOrderedNormal`); ``y[t] ~ N(mu[z[t]], 1)``. The forward recursion
     ``gamma[t, k] = logsumexp_j(gamma[t-1, j] + log theta[j, k]) + log N(y[t] | mu[k], 1)`` (with no initial-state
     term, as in the Stan program) gives ``log p(y | theta, mu) = logsumexp_k gamma[N, k]``, added by ``pyro.factor``.
     """
@@ -443,7 +443,7 @@ def fit_and_compare(
     """Fit one guide to one posteriordb posterior and compare it with the reference draws.
 
     Every guide starts from the Laplace approximation's location (the flow guide from the full Laplace Gaussian,
-    see :func:`laplace_flow_guide`) and runs ``num_steps`` of SVI (Adam, ``lr`` decayed tenfold over the run,
+    see `laplace_flow_guide`) and runs ``num_steps`` of SVI (Adam, ``lr`` decayed tenfold over the run,
     ``num_particles`` vectorized particles).
 
     Returns:

@@ -3,7 +3,7 @@
 Reproduces the set-up of the posterior-enrichment papers (Rezende & Mohamed 2015; Tomczak & Welling 2016, 2017;
 Kingma et al. 2016; van den Berg et al. 2018) at a size a CPU can run: Bernoulli decoder, dynamic binarization,
 KL warm-up, early stopping on the validation −ELBO, Adamax (or Adam), and the test NLL from the importance-weighted
-bound. The guide is :class:`pyro_flows.guides.amortized.AmortizedFlowGuide` trained by Pyro's ``SVI``.
+bound. The guide is `pyro_flows.guides.amortized.AmortizedFlowGuide` trained by Pyro's ``SVI``.
 
 Examples::
 

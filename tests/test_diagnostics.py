@@ -317,6 +317,38 @@ def test_fit_svi_progress_bar_is_switchable(capsys):
     assert "svi" in capsys.readouterr().err
 
 
+def test_the_demo_shows_progress_bars_with_an_off_switch(capsys, monkeypatch):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    demo = importlib.import_module("demo")
+    x, y, _ = demo.load()
+    x, y = x[:64], y[:64]
+    for progress in (False, True):
+        pyro.clear_param_store()
+        demo.train(AutoNormal(demo.model), x, y, steps=3, lr=0.01, progress=progress)
+        assert ("svi" in capsys.readouterr().err) is progress
+
+    class StopError(Exception):
+        pass
+
+    seen: list[bool] = []
+
+    def first_fit(*args, progress, **kwargs):
+        seen.append(progress)
+        raise StopError
+
+    monkeypatch.setattr(demo, "train", first_fit)
+    for argv, expected in ((["demo.py"], True), (["demo.py", "--no-progress"], False)):
+        seen.clear()
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(StopError):
+            demo.main()
+        assert seen == [expected]
+
+
 def test_fit_svi_accepts_pyro_optimizers_and_checks_them():
     y = conjugate_data()
     for optim in (

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -151,3 +152,54 @@ def test_choosing_a_flow_covers_every_registered_family() -> None:
     page = (ROOT / "docs" / "choosing-a-flow.md").read_text()
     for name in {*registry, *conditional_registry, *image_registry}:
         assert f"`{name}`" in page, f"docs/choosing-a-flow.md does not cover the registered flow {name!r}"
+
+
+def test_stored_notebook_outputs_show_no_warnings_or_local_paths() -> None:
+    import json
+
+    problems = []
+    for path in sorted((ROOT / "examples" / "notebooks").glob("*.ipynb")):
+        for number, cell in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]):
+            for output in cell.get("outputs", []):
+                text = (
+                    "".join(output.get("text", "")) + json.dumps(output.get("data", {})) + str(output.get("traceback"))
+                )
+                problems += [f"{path.name} cell {number}: …{_context(text, m)}…" for m in LOCAL_PATH.finditer(text)]
+    assert not problems, "stored notebook outputs show warnings or local paths:\n" + "\n".join(problems)
+
+
+def test_source_docstrings_use_one_dialect() -> None:
+    """Markdown for mkdocstrings everywhere, private helpers and examples included (they are read as source)."""
+    problems = []
+    for path in sorted([*(ROOT / "pyro_flows").rglob("*.py"), *(ROOT / "examples").glob("*.py")]):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if RAW_RST.search(line) or re.fullmatch(r"\s*Example:\s*", line):
+                problems.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not problems, "Sphinx/reST markup or `Example:` in the sources (write Markdown, `Examples:`):\n" + "\n".join(
+        problems
+    )
+
+
+def test_site_settings_are_not_placeholders() -> None:
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    for key in ("repo_url", "site_url", "repo_name"):
+        match = re.search(rf"^{key}:\s*(\S+)", config, re.MULTILINE)
+        if match:  # optional, but a placeholder would render a broken link in the header
+            assert not re.search(r"example\.(com|org)|your[-_]?(org|name|user)|<|TODO|placeholder", match.group(1)), (
+                f"mkdocs.yml {key} is a placeholder: {match.group(1)}"
+            )
+
+
+def test_wide_tables_scroll_instead_of_clipping(site: Path) -> None:
+    page = (site / "choosing-a-flow" / "index.html").read_text(encoding="utf-8")
+    assert "stylesheets/extra.css" in page and "<table>" in page
+    css = re.sub(r"\s+", " ", (site / "stylesheets" / "extra.css").read_text(encoding="utf-8"))
+    assert re.search(r"\.md-typeset table:not\(\[class\]\) \{[^}]*overflow-x: auto", css), css
+
+
+def test_the_guides_page_documents_pyros_inherited_pitfalls(site: Path) -> None:
+    html = (site / "api" / "guides" / "index.html").read_text(encoding="utf-8")
+    text = re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", "", html)))
+    assert "Pitfalls inherited from Pyro" in text
+    assert "pyro.get_param_store().load(path)" in text and "restores parameter values, not the guide" in text
+    assert "two guides of one class in one parameter store share their parameters unless their name= differs" in text

@@ -320,6 +320,21 @@ def test_pickle_deepcopy_torch_save_and_state_dict_round_trips(data) -> None:
     assert pickle.loads(pickle.dumps(untrained))(*data, subsample_size=4)["beta"].shape == (4, DIM)
 
 
+def test_trace_module_traces_the_guides_call(data) -> None:
+    guide = trained(data)
+    given = torch.tensor([0, 7, 9])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace_module(guide, {"call": (*data,)}, check_trace=False)
+    pyro.set_rng_seed(3)
+    expected = guide.call(*data)
+    pyro.set_rng_seed(3)
+    actual = traced.call(*data)
+    assert len(actual) == len(expected) > 0
+    assert all(torch.allclose(a, e, atol=1e-5) for a, e in zip(actual, expected, strict=True))
+    assert guide(*data, subsample=given)["beta"].shape == (3, DIM)  # the guide itself is unchanged
+
+
 def test_the_local_iaf_has_the_amortized_guides_affine_default() -> None:
     from pyro_flows.transforms import Permutation
     from pyro_flows.transforms._network_flows import AffineMap, GatedMap

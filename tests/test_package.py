@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +90,37 @@ def test_explicit_permutations_are_validated() -> None:
         registry["permutation"](3, permutation="sideways")
     flow = registry["permutation"](3, permutation=[2, 0, 1])
     assert flow(torch.tensor([10.0, 20.0, 30.0])).tolist() == [30.0, 10.0, 20.0]
+
+
+#: A speed claim: a time (``0.13 ms``), a ratio (``1.4×``, ``3.8x``; not sizes such as ``1×1`` or ``32 x 32``), a rate.
+SPEED_CLAIM = re.compile(
+    r"\d(?:[\d.,]*\d)?\s*(?:ms|µs|us|ns)\b"
+    r"|\b\d+(?:\.\d+)?\s*[×x](?![\s\d]*\d)(?!\w)"
+    r"|\b(?:x|times)\s+(?:faster|slower)\b"
+    r"|\d\s*(?:it|steps|points)/s\b"
+)
+
+
+def _documentation(path: Path) -> list[tuple[str, str]]:
+    """(where, text) of every docstring and ``#:`` attribute comment of a source file."""
+    source = path.read_text(encoding="utf-8")
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node)
+            if doc:
+                found.append((f"{path}:{getattr(node, 'name', '<module>')}", doc))
+    found += [(f"{path}:{i}", line) for i, line in enumerate(source.splitlines(), 1) if line.strip().startswith("#:")]
+    return found
+
+
+def test_no_benchmark_numbers_in_the_package_docstrings() -> None:
+    """Measured speeds live in ``benchmarks/README.md`` (with the command, interleaved runs); docstrings point there."""
+    root = Path(__file__).resolve().parents[1] / "pyro_flows"
+    claims = [
+        f"{where}: {match.group(0)!r} in {text[max(0, match.start() - 40) : match.end() + 40]!r}"
+        for path in sorted(root.rglob("*.py"))
+        for where, text in _documentation(path)
+        for match in SPEED_CLAIM.finditer(text)
+    ]
+    assert not claims, "benchmark numbers in docstrings (point to benchmarks/README.md instead):\n" + "\n".join(claims)

@@ -99,6 +99,28 @@ def test_planar_near_the_constraint_boundary_inverts_to_machine_precision() -> N
     assert flow.last_inverse_iterations < 60
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("seed", range(4))
+def test_planar_inverse_converges_wherever_the_constraint_allows(dtype: torch.dtype, seed: int) -> None:
+    # raw u = -100·ŵ + noise: the constraint maps it just inside w·û > -1, where the map is nearly flat along w
+    torch.manual_seed(seed)
+    flow = Planar(5).to(dtype)
+    with torch.no_grad():
+        flow.w.copy_(torch.randn(5, dtype=dtype))
+        flow.u.copy_(-100.0 * flow.w / flow.w.norm() + 0.1 * torch.randn(5, dtype=dtype))
+        flow.bias.copy_(torch.randn((), dtype=dtype))
+    x = 3.0 * torch.randn(200, 5, dtype=dtype)
+    y = flow(x)
+    flow.clear_cache()
+    x_rec = flow.inv(y.clone())
+    assert torch.isfinite(x_rec).all() and flow.last_inverse_iterations < 60
+    flow.clear_cache()
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(flow(x_rec), y, atol=100 * eps, rtol=0)  # the residual: at the dtype's rounding
+    # the error in x: the rounding amplified by the map's conditioning along w (1 / (1 + w·û) ≈ 1e3 here)
+    assert torch.allclose(x_rec, x, atol=1e3 * 10 * eps, rtol=0), (x_rec - x).abs().max()
+
+
 def test_planar_inverse_gradients_match_finite_differences() -> None:
     flow = randomize(Planar(3), 1.0, 5)
     y = torch.randn(4, 3, dtype=torch.float64)

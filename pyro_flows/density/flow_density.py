@@ -286,7 +286,7 @@ class FlowDensity(nn.Module):
         return x
 
     def _prepare(self, x: ArrayLike, context: ArrayLike | None, name: str) -> tuple[Tensor, Tensor | None]:
-        """The data and context of a fit or evaluation as checked tensors (see :meth:`_as_points`)."""
+        """The data and context of a fit or evaluation as checked tensors (see `_as_points`)."""
         self._check_context(context)
         points = self._as_points(x, name, self.dim)
         if context is None:

@@ -1,8 +1,8 @@
 r"""One parameter tensor per module: named tensors stored flattened, back to back, in one ``nn.Parameter``.
 
 Pyro's optimizers run one torch optimizer per parameter tensor, and a guide's parameters each pass through Pyro's
-parameter store and trace at every step: about 0.13 ms per tensor and step on a CPU whatever its size
-(``benchmarks/README.md``). A module that keeps its tensors in one flat parameter ``raw`` and reads them as views
+parameter store and trace at every step, a cost per tensor whatever its size (measured in
+``benchmarks/README.md``). A module that keeps its tensors in one flat parameter ``raw`` and reads them as views
 (``raw.split(sizes)`` and ``view(shape)``, no copies) pays that once. In-place updates of a view under
 ``torch.no_grad()`` write through to ``raw``.
 

@@ -60,8 +60,8 @@ logger = logging.getLogger(__name__)
 #: $\tilde R_{ii}$ is scaled by this factor so that $R_{ii}\tilde R_{ii} \ge -(1 - 10^{-3})$.
 DIAGONAL_MARGIN = 1.0 - 1e-3
 #: Size $D M$ of $Q$ above which `SylvesterHouseholder` applies $Q$ through its compact WY factors (`_CompactWY`)
-#: instead of forming it, for shared parameters and batches of fewer than M points (1 thread, forward and backward of
-#: one layer at one point: 0.89x at D = M = 50, 1.00x at 100, 1.33x at 200, 3.8x at 1000).
+#: instead of forming it, for shared parameters and batches of fewer than M points (the threshold is measured in
+#: ``benchmarks/README.md``, "Pure-torch floor of the SVI step", change 4).
 IMPLICIT_Q_SIZE = 10_000
 #: Iteration limit of `bjorck_orthonormalize` (enough for a smallest singular value ~1e-16 of the scaled input).
 MAX_BJORCK_ITERATIONS = 100
