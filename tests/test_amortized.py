@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+import pickle
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -61,7 +65,9 @@ def test_svi_trains_encoder_heads_and_flows(flow: object) -> None:
     guide = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow=flow, num_flows=2)
     x = torch.randn(8, DATA)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
-    before = {k: v.detach().clone() for k, v in guide.state_dict().items() if v.is_floating_point()}
+    before = {
+        k: v.detach().clone() for k, v in guide.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()
+    }
     losses = [svi.step(x, full_size=40) for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
     changed = {k for k, v in guide.state_dict().items() if k in before and not torch.equal(v, before[k])}
@@ -247,10 +253,16 @@ def test_iaf_defaults_to_the_affine_update_and_gated_is_one_option_away() -> Non
     iaf_layers = [layer for layer in default.flows if not isinstance(layer, Permutation)]
     assert len(iaf_layers) == 2 and all(isinstance(layer.elementwise, AffineMap) for layer in iaf_layers)
     assert all(isinstance(layer.elementwise, GatedMap) for layer in gated.flows if not isinstance(layer, Permutation))
-    # the default is the explicit affine guide, draw for draw; the gated one has the same parameters (shapes)
-    assert default.state_dict().keys() == explicit.state_dict().keys()
-    assert all(torch.equal(value, explicit.state_dict()[key]) for key, value in default.state_dict().items())
-    assert {k: v.shape for k, v in gated.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    # the default is the explicit affine guide, draw for draw (and setting for setting); the gated one has the same
+    # parameters (shapes), and only its recorded settings tell its checkpoint apart
+    tensors = {
+        guide: {k: v for k, v in guide.state_dict().items() if k != "_extra_state"}
+        for guide in (default, explicit, gated)
+    }
+    assert tensors[default].keys() == tensors[explicit].keys()
+    assert all(torch.equal(value, tensors[explicit][key]) for key, value in tensors[default].items())
+    assert default.state_dict()["_extra_state"] == explicit.state_dict()["_extra_state"]
+    assert {k: v.shape for k, v in tensors[gated].items()} == {k: v.shape for k, v in tensors[default].items()}
     # behaviour: the affine update log e^s = s takes both signs (scales up and down); the gated one only shrinks
     for guide in (default, gated):
         perturb(guide)
@@ -265,3 +277,56 @@ def test_iaf_defaults_to_the_affine_update_and_gated_is_one_option_away() -> Non
     assert biased.flows[0].elementwise.gate_bias == 3.0
     with pytest.raises(ValueError, match="gate_bias sets the gated update"):
         AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", flow_kwargs={"gate_bias": 3.0})
+
+
+@pytest.mark.parametrize("flow", ["iaf", "planar", "sylvester_householder"])
+def test_pickle_deepcopy_and_torch_save_after_training(flow: str) -> None:
+    # pyro.module tags each parameter with a weakref (param.unconstrained): the guide must pickle all the same
+    guide = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow=flow, num_flows=2)
+    x = torch.randn(5, DATA)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert math.isfinite(svi.step(x))
+    buffer = io.BytesIO()
+    torch.save(guide, buffer)
+    buffer.seek(0)
+    expected = guide.posterior(x).base_dist.mean
+    for clone in (pickle.loads(pickle.dumps(guide)), copy.deepcopy(guide), torch.load(buffer, weights_only=False)):
+        assert torch.equal(clone.posterior(x).base_dist.mean, expected)
+    assert math.isfinite(svi.step(x))  # the original trains on
+
+
+def test_trace_module_traces_the_guide() -> None:
+    guide = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2)
+    perturb(guide)
+    x = torch.randn(5, DATA)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace_module(guide, {"forward": (x,)}, check_trace=False)
+    pyro.set_rng_seed(3)
+    expected = guide(x)
+    pyro.set_rng_seed(3)
+    assert torch.allclose(traced(x), expected, atol=1e-6)
+
+
+def test_a_checkpoint_of_other_flow_settings_is_refused_and_one_without_settings_loads() -> None:
+    """The gated and the affine IAF have parameters of the same shapes: the recorded settings tell them apart."""
+    affine = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2)
+    gated = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2, flow_kwargs={"gated": True})
+    assert affine.state_dict()["_extra_state"]["flow_kwargs"] == {"gated": False}
+    with pytest.raises(ValueError, match=r"flow_kwargs: \{'gated': True\} in the checkpoint, \{'gated': False\} here"):
+        affine.load_state_dict(gated.state_dict())
+    for other, mismatch in (
+        (AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2, permutation=None), "permutation"),
+        (AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2, min_scale=1e-3), "min_scale"),
+    ):
+        with pytest.raises(ValueError, match=f"{mismatch}: .* in the checkpoint"):
+            other.load_state_dict(affine.state_dict())
+    # the same settings written out load; so does a checkpoint saved before guides recorded their settings
+    explicit = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow="iaf", num_flows=2, flow_kwargs={"gated": False})
+    explicit.load_state_dict(affine.state_dict())
+    legacy = {k: v for k, v in gated.state_dict().items() if k != "_extra_state"}
+    affine.load_state_dict(legacy)
+    assert all(torch.equal(v, affine.state_dict()[k]) for k, v in legacy.items())
+    # ready-made layers record their classes
+    ready = AmortizedFlowGuide(encoder(), HIDDEN, LATENT, flow=[conditional_registry["planar"](LATENT, HIDDEN)])
+    assert ready.state_dict()["_extra_state"]["flow"] == ("ConditionalFlow",)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from pyro_flows._validation import check_real
-from pyro_flows.guides.autoflow import family_defaults, guide_flows
+from pyro_flows.guides.autoflow import CheckedSettings, _plain, family_defaults, guide_flows
 from pyro_flows.transforms.base import ConditionalFlow, Flow, check_size
 from pyro_flows.transforms.stack import FlowSpec, PermutationRule, condition_flows
 
@@ -55,7 +55,7 @@ __all__ = ["AMORTIZED_FAMILY_DEFAULTS", "AmortizedFlowGuide"]
 AMORTIZED_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {"iaf": {"gated": False}}
 
 
-class AmortizedFlowGuide(nn.Module):
+class AmortizedFlowGuide(CheckedSettings, nn.Module):
     r"""Amortized guide $q(z | x)$: an encoder gives a diagonal Gaussian and a context for conditional flows.
 
     Call it like the model: ``guide(x, *args, full_size=None, **kwargs)``. The first positional argument is the
@@ -83,8 +83,10 @@ class AmortizedFlowGuide(nn.Module):
     the family's own default elsewhere is the gated update $z' = \sigma \odot z + (1 - \sigma) \odot m$, which only
     shrinks coordinates and trails the affine update on every seed of the VAE runs of ``examples/README.md``).
     ``flow_kwargs={"gated": True}`` gives the gated update (and is needed for ``gate_bias``). Both updates have the
-    same parameters, so a ``state_dict`` saved from a gated guide (the ``"iaf"`` default of earlier versions) loads
-    into an affine one without error: rebuild the guide with ``flow_kwargs={"gated": True}`` to reuse it.
+    same parameters; the guide's ``state_dict`` records its resolved settings (``_extra_state``), so a checkpoint of
+    a gated guide is refused by an affine one, naming the difference. Checkpoints saved before the settings were
+    recorded (the gated ``"iaf"`` default of earlier versions among them) load without the check: rebuild such a
+    guide with ``flow_kwargs={"gated": True}`` to reuse it.
 
     Args:
         encoder: network mapping ``x`` of shape ``(B, ...)`` to the state ``h`` of shape ``(B, context_dim)``.
@@ -170,8 +172,9 @@ class AmortizedFlowGuide(nn.Module):
         self.site, self.plate_name, self.subsample_size, self.name = site, plate_name, subsample_size, name
         self.min_scale = float(min_scale)
         plain, kwargs = flow is None or flow == "none", dict(flow_kwargs or {})
+        defaults: dict[str, Any] = {}
         if not plain and (isinstance(flow, str) or all(isinstance(f, str) for f in flow)):
-            num_flows = 1 if num_flows is None else num_flows
+            num_flows, spec = 1 if num_flows is None else num_flows, flow
             defaults = family_defaults(flow, AMORTIZED_FAMILY_DEFAULTS)
             layers = guide_flows(
                 flow,
@@ -189,6 +192,7 @@ class AmortizedFlowGuide(nn.Module):
                 what = "flow=None builds no layers" if plain else "ready-made layers are used as given"
                 raise TypeError(f"{what}: {given} cannot apply")
             layers = [] if plain else list(flow)
+            spec = None if plain else [type(f).__qualname__ for f in layers]
             if not all(isinstance(f, Flow | ConditionalFlow) for f in layers):
                 raise TypeError(
                     f"flow must be registry names or a sequence of Flow/ConditionalFlow modules, got {flow!r}"
@@ -200,6 +204,20 @@ class AmortizedFlowGuide(nn.Module):
                         f"{f.context_dim}; the guide needs ({latent_dim},) and {context_dim} (or 0)"
                     )
         self.flows = nn.ModuleList(layers)
+        self._settings = _plain(
+            {
+                "flow": spec,
+                "num_flows": num_flows,
+                "flow_kwargs": {**defaults, **kwargs},
+                "permutation": permutation,
+                "min_scale": self.min_scale,
+            }
+        )
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # a checkpoint without settings predates them: its ``_extra_state`` is None (loads unchecked)
+        state_dict.setdefault(f"{prefix}_extra_state", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         r"""Return the base ``loc`` and ``scale`` (each ``(B, D)``) and the context ``h`` (``(B, context_dim)``).
@@ -243,6 +261,13 @@ class AmortizedFlowGuide(nn.Module):
             raise ValueError(f"full_size ({size}) is smaller than the batch ({len(x)})")
         with pyro.plate(self.plate_name, size, subsample=torch.arange(len(x), device=x.device)):
             return pyro.sample(self.site, self.posterior(x))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ``pyro.module`` tags each parameter with a weakref (``param.unconstrained``), which pickle and ``torch.save``
+        # cannot store; drop it, as Pyro's ``ParamStoreDict.get_state`` does (the store sets it again when needed).
+        for parameter in self.parameters():
+            parameter.__dict__.pop("unconstrained", None)
+        return super().__getstate__()
 
     def extra_repr(self) -> str:
         """Show the latent and context sizes and the site and plate names (the layers print as submodules)."""

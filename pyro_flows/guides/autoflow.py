@@ -53,6 +53,7 @@ from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import Transform, biject_to
 
+from pyro_flows._validation import check_real
 from pyro_flows.guides.laplace import find_map, laplace_factors, log_joint_fn
 from pyro_flows.transforms.stack import PermutationRule, build_flows, flow_names
 
@@ -100,7 +101,7 @@ def flow_optim_args(lr: float, flow_lr_scale: float = 0.1, **other: Any) -> Call
         ``param_name -> dict`` of optimizer arguments, for ``pyro.optim.Adam(...)``, ``ClippedAdam(...)``, etc.
 
     Raises:
-        ValueError: a learning rate or factor that is not a positive number.
+        ValueError: a learning rate or factor that is not a positive finite number.
 
     Examples:
         >>> import pyro
@@ -111,8 +112,7 @@ def flow_optim_args(lr: float, flow_lr_scale: float = 0.1, **other: Any) -> Call
 
     """
     for name, value in (("lr", lr), ("flow_lr_scale", flow_lr_scale)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        check_real(value, name, positive=True)
 
     def optim_args(param_name: str) -> dict[str, Any]:
         return {**other, "lr": lr * flow_lr_scale if ".flows." in param_name else lr}
@@ -135,7 +135,9 @@ class CheckedSettings:
     """``state_dict`` hooks of the guides: the construction settings (``self._settings``) travel with the checkpoint.
 
     ``get_extra_state`` saves them under ``_extra_state``; ``set_extra_state`` (called by ``load_state_dict``) refuses
-    a checkpoint of a guide built with other settings, naming every setting that differs.
+    a checkpoint of a guide built with other settings, naming every setting that differs. The settings are the
+    resolved ones (a family's guide defaults included), so a checkpoint also records what a default meant when it
+    was saved: a later change of default is caught, not loaded into layers that compute something else.
     """
 
     _settings: dict[str, Any]
@@ -151,6 +153,8 @@ class CheckedSettings:
             ValueError: naming every setting that differs.
 
         """
+        if state is None:  # a checkpoint from before the guide recorded its settings: nothing to compare
+            return
         ours, state = self._settings, dict(state) if isinstance(state, Mapping) else {}
         if differ := [key for key in {**ours, **state} if state.get(key) != ours.get(key)]:
             text = "; ".join(f"{key}: {state.get(key)!r} in the checkpoint, {ours.get(key)!r} here" for key in differ)
@@ -310,11 +314,11 @@ class AutoFlow(CheckedSettings, AutoContinuous):
         start: Literal["laplace", "cold"] = "laplace",
         **flow_kwargs: Any,
     ) -> None:
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0:
-            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        check_real(init_scale, "init_scale", positive=True)
         if start not in ("laplace", "cold"):
             raise ValueError(f"start must be 'laplace' or 'cold', got {start!r}")
         flow = self.flow if flow is None else flow
+        defaults: dict[str, Any] = {}
         if callable(flow):
             given = ["num_flows"] * (num_flows is not None) + ["permutation"] * (permutation != "auto") + [*flow_kwargs]
             if given:
@@ -338,7 +342,8 @@ class AutoFlow(CheckedSettings, AutoContinuous):
             )
             if num_flows == 0:
                 warnings.warn(f"{type(self).__name__} with num_flows=0 is a diagonal Gaussian guide.", stacklevel=2)
-        settings = {"flow": flow, "num_flows": num_flows, "flow_kwargs": flow_kwargs, "permutation": permutation}
+        resolved = {**defaults, **flow_kwargs}
+        settings = {"flow": flow, "num_flows": num_flows, "flow_kwargs": resolved, "permutation": permutation}
         self._settings = _plain({**settings, "init_scale": float(init_scale), "start": start})
         self._warm_start: tuple[Tensor, Tensor, Tensor | None] | None = None
         #: How the base was initialized at the first call: ``"laplace"``, ``"cold"`` or ``"guide"`` (`from_guide`).
