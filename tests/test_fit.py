@@ -4,7 +4,7 @@ Fast tests check the API on tiny budgets (shapes and supports of the draws, sile
 k-hat warning, `Predictive`, argument passthrough, the parameter store). Slow tests run the defaults on the four
 posteriordb posteriors of `examples/posteriordb_models.py` (skipped without the posteriordb files) and on Neal's
 10-d funnel, and check the bars: every mean within 0.1 reference sd, every sd within 10 %, funnel KL ≤ 0.05
-nats and k-hat < 0.5.
+nats and k-hat < 0.5 (at the defaults a known gap, xfail; met by the longer budget of docs/fit.md).
 """
 
 from __future__ import annotations
@@ -211,25 +211,44 @@ def test_posteriordb_posteriors_meet_the_bars(name: str) -> None:
     assert ((table.sd_ratio - 1.0).abs() < 0.1).all(), table
 
 
+#: The longer budget of docs/fit.md that reaches the funnel's neck (seeds 0 and 1: KL 0.043 and 0.046 nats).
+FUNNEL_RECIPE = {"num_particles": 32, "plateau_window": 2500, "max_steps": 20000, "max_seconds": 600}
+
+
 def funnel(dim: int = 10) -> None:
     v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 3.0))
     scale = torch.exp(v / 2).unsqueeze(-1)
     pyro.sample("x", dist.Normal(torch.zeros(dim - 1, dtype=torch.float64), scale).to_event(1))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(reason="known gap: KL 0.29 nats at the default budget (bar 0.05), see docs/fit.md", strict=False)
-def test_neals_funnel_kl() -> None:
+def _funnel_kl(options: dict) -> tuple[float, FitResult]:
+    """KL(q || p) of `fit`'s guide on the funnel (exact: its density is normalized), from 20000 guide draws."""
     torch.set_num_threads(1)
     start = time.perf_counter()
-    result = pyro_flows.fit(funnel, fit_options={"progress": False})
+    result = pyro_flows.fit(funnel, fit_options={"progress": False, **options})
     seconds = time.perf_counter() - start
     with torch.no_grad():
         posterior = result.guide.get_posterior()
         z = posterior.sample((20000,))
         v, x = z[:, 0], z[:, 1:]
         log_p = dist.Normal(0.0, 3.0).log_prob(v) + dist.Normal(0.0, torch.exp(v / 2).unsqueeze(-1)).log_prob(x).sum(-1)
-        kl = float((posterior.log_prob(z) - log_p).mean())  # the funnel's density is normalized: KL(q || p)
-    print(f"funnel: KL {kl:.4f} nats, k-hat {result.khat:.2f}, {seconds:.1f} s")
+        kl = float((posterior.log_prob(z) - log_p).mean())
+    steps = len(result.elbo_trace.elbo)
+    print(f"funnel {options}: KL {kl:.4f} nats, k-hat {result.khat:.2f}, {steps} steps, {seconds:.1f} s")
+    return kl, result
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="known gap: KL 0.29 nats at the default budget (bar 0.05), see docs/fit.md", strict=False)
+def test_neals_funnel_kl() -> None:
+    kl, result = _funnel_kl({})
+    assert kl <= 0.05
+    assert result.khat < 0.5
+
+
+@pytest.mark.slow
+def test_neals_funnel_kl_longer_budget() -> None:
+    """The recipe of docs/fit.md for the funnel: 32 particles, 2500-step plateau windows (about 10^4 steps)."""
+    kl, result = _funnel_kl(FUNNEL_RECIPE)
     assert kl <= 0.05
     assert result.khat < 0.5
