@@ -143,6 +143,7 @@ def test_bad_arguments_raise() -> None:
             FFJORD(3, **kwargs)
 
 
+@pytest.mark.slow
 def test_the_default_solver_meets_the_stated_tolerance_at_random_parameters() -> None:
     flow = perturb(FFJORD(3).double(), scale=2.5)  # RK4 with 10 steps misses it here by 200x (2e-3)
     x = torch.randn(8, 3, dtype=torch.float64)

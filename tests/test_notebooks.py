@@ -18,6 +18,7 @@ pytest.importorskip("ipykernel")
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "examples" / "notebooks").glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_on_a_small_budget(path, monkeypatch):
     monkeypatch.setenv("PYRO_FLOWS_NOTEBOOK_BUDGET", "quick")
