@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from bench_guides import energy_model, evaluate_elbo, log_normalizer
+from bench_guides import PRESETS, available_presets, energy_model, evaluate_elbo, log_normalizer
 from harness import update
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
@@ -56,6 +56,15 @@ GUIDES: dict[str, Setting] = {
 }
 
 
+def preset_settings() -> dict[str, Setting]:
+    """Issue #16's protocol: every available preset at its defaults (start included), 2500 steps, 32 particles,
+    ClippedAdam at lr 5e-3 throughout."""
+    return {
+        f"{name}() at defaults": Setting(lambda m, i, cls=PRESETS[name]: cls(m), lr=0.005, final_lr_factor=1.0)
+        for name in available_presets()
+    }
+
+
 def run(name: str, label: str, setting: Setting) -> dict:
     log_z = log_normalizer(name)
     model = energy_model(name)
@@ -83,9 +92,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--energies", default="U1,U2,U3,U4")
     parser.add_argument("--guides", nargs="+", choices=list(GUIDES), default=list(GUIDES), help="default: all")
+    parser.add_argument(
+        "--presets", action="store_true", help="instead: every preset at its defaults (issue #16's protocol)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [run(name, label, GUIDES[label]) for name in args.energies.split(",") for label in args.guides]
+    settings = preset_settings() if args.presets else {label: GUIDES[label] for label in args.guides}
+    rows = [run(name, label, setting) for name in args.energies.split(",") for label, setting in settings.items()]
     print(update("energies_long", rows, COLUMNS, "cpu"))
 
 

@@ -9,6 +9,7 @@ nats and k-hat < 0.5 (at the defaults a known gap, xfail; met by the longer budg
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -52,6 +53,28 @@ def small_fit() -> FitResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a tiny budget may leave k-hat high
         return pyro_flows.fit(regression, X, Y, fit_options=TINY)
+
+
+def test_a_flat_prior_site_that_cannot_sample_is_fitted() -> None:
+    """Stan's flat priors written as ``ImproperUniform`` (Pyro's ``init_to_feasible`` cannot start them)."""
+    from pyro.distributions import constraints
+
+    def mixture(y):
+        mu = pyro.sample("mu", dist.ImproperUniform(constraints.ordered_vector, (), (2,)))
+        pyro.factor("mu_prior", dist.Normal(0.0, 5.0).log_prob(mu).sum(-1))
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.ones(2)).to_event(1))
+        parts = dist.Normal(mu.unsqueeze(-2), sigma.unsqueeze(-2)).log_prob(y.unsqueeze(-1))
+        pyro.factor("y", torch.logsumexp(parts - math.log(2.0), -1).sum(-1))
+
+    generator = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.randn(50, generator=generator) - 2.0, torch.randn(50, generator=generator) + 2.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = pyro_flows.fit(mixture, y, fit_options=TINY)
+    draws = result.draws(200)
+    assert draws["mu"].shape == (200, 2) and bool((draws["mu"][:, 0] < draws["mu"][:, 1]).all())
+    assert result.start == "laplace"
+    assert (draws["mu"].mean(0) - torch.tensor([-2.0, 2.0])).abs().max() < 0.5
 
 
 def test_draws_have_site_shapes_and_supports(small_fit: FitResult) -> None:

@@ -869,3 +869,17 @@ def test_tracing_an_untraceable_preset_is_refused(name):
     guide = trained(name)
     with pytest.raises(NotImplementedError, match=r"cannot be traced .*trace_module.*torch\.save"):
         torch.jit.trace_module(guide, {"call": (DATA,)}, check_trace=False)
+
+
+def test_the_default_init_starts_sites_that_cannot_sample_at_the_feasible_point():
+    from pyro.distributions import constraints
+    from pyro.infer.autoguide import init_to_feasible
+    from torch.distributions import transform_to
+
+    from pyro_flows.guides.autoflow import init_to_feasible_point
+
+    flat = {"fn": dist.ImproperUniform(constraints.ordered_vector, (3,), (4,)), "name": "mu"}
+    point = init_to_feasible_point(flat)
+    assert point.shape == (3, 4) and torch.equal(point, transform_to(constraints.ordered_vector)(torch.zeros(3, 4)))
+    normal = {"fn": dist.LogNormal(torch.zeros(5), 1.0), "name": "s"}
+    assert torch.equal(init_to_feasible_point(normal), init_to_feasible(normal))

@@ -51,7 +51,7 @@ import torch
 from pyro.infer.autoguide import AutoContinuous, AutoMultivariateNormal, AutoNormal, init_to_feasible
 from pyro.nn import PyroParam
 from torch import Tensor, nn
-from torch.distributions import Transform, biject_to
+from torch.distributions import Transform, biject_to, transform_to
 
 from pyro_flows._validation import check_real
 from pyro_flows.guides.laplace import find_map, laplace_factors, log_joint_fn
@@ -65,6 +65,7 @@ __all__ = [
     "family_defaults",
     "flow_optim_args",
     "guide_flows",
+    "init_to_feasible_point",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,22 @@ def flow_optim_args(lr: float, flow_lr_scale: float = 0.1, **other: Any) -> Call
         return {**other, "lr": lr * flow_lr_scale if ".flows." in param_name else lr}
 
     return optim_args
+
+
+def init_to_feasible_point(site: dict[str, Any]) -> Tensor:
+    """Pyro's ``init_to_feasible``, also for a site whose distribution cannot sample.
+
+    The point is ``transform_to(support)(0)`` in unconstrained space, as in ``init_to_feasible``; its shape comes
+    from a draw when the distribution has one, else from the distribution's shape: ``ImproperUniform`` (Stan's flat
+    priors, e.g. an ``ordered_vector`` with no prior statement) then starts at that point too, in the default dtype.
+    """
+    fn = site["fn"]
+    try:
+        return init_to_feasible(site)
+    except NotImplementedError:
+        support = transform_to(fn.support)
+        shape = support.inverse_shape(fn.shape())
+        return support(torch.zeros(shape, dtype=torch.get_default_dtype())).detach()
 
 
 def _plain(value: Any) -> Any:
@@ -257,9 +274,11 @@ class AutoFlow(CheckedSettings, AutoContinuous):
             density estimator build from the same spec); ``0`` leaves a diagonal Gaussian (with a warning).
             Default: the class's `num_flows`.
         init_loc_fn: per-site initialization of $\mu$ for the cold start, and the MAP search's starting point
-            (see Pyro's ``autoguide.initialization``). The default, ``init_to_feasible``, is AutoNormal's and is
-            deterministic; ``init_to_median`` (Pyro's ``AutoContinuous`` default) takes the median of 15 prior
-            draws.
+            (see Pyro's ``autoguide.initialization``). The default,
+            [`init_to_feasible_point`][pyro_flows.guides.autoflow.init_to_feasible_point], is AutoNormal's
+            ``init_to_feasible`` (deterministic), extended to distributions that cannot sample
+            (``ImproperUniform``); ``init_to_median`` (Pyro's ``AutoContinuous`` default) takes the median of 15
+            prior draws.
         init_scale: $\sigma$ of the cold start (a positive float for every coordinate).
         permutation: the permutation rule between blocks: ``"auto"`` (a reversal where a family of the block
             needs one: autoregressive, coupling, triangular), ``"reverse"``, ``"random"`` or ``None`` (none).
@@ -307,7 +326,7 @@ class AutoFlow(CheckedSettings, AutoContinuous):
         model: Callable[..., Any],
         flow: FlowSpec | None = None,
         num_flows: int | None = None,
-        init_loc_fn: Callable[[dict], Tensor] = init_to_feasible,
+        init_loc_fn: Callable[[dict], Tensor] = init_to_feasible_point,
         init_scale: float = 0.1,
         permutation: PermutationRule = "auto",
         name: str | None = None,
