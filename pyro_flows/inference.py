@@ -4,9 +4,10 @@ r"""One call from a Pyro model to a checked posterior: [`fit`][pyro_flows.infere
 
 1. **Start** ([`pyro_flows.guides.laplace`][pyro_flows.guides.laplace], `AutoFlow`'s default
    `start="laplace"`): the MAP by L-BFGS on the log joint in unconstrained space,
-   $\log p(x, \theta(z)) + \log|\det \partial\theta/\partial z|$, from `init_to_feasible` (Adam when L-BFGS
-   fails), and the Laplace Gaussian $\mathcal{N}(\hat z, H^{-1})$ there: the exact Hessian for
-   $D \le$ `AutoFlow.dense_max_dim` (200) unconstrained dimensions, its diagonal above.
+   $\log p(x, \theta(z)) + \log|\det \partial\theta/\partial z|$, from `init_to_feasible_point` (Pyro's
+   `init_to_feasible`, which also starts `ImproperUniform` sites; Adam when L-BFGS fails), and the Laplace
+   Gaussian $\mathcal{N}(\hat z, H^{-1})$ there: the exact Hessian for $D \le$ `AutoFlow.dense_max_dim` (200)
+   unconstrained dimensions, its diagonal above.
 2. **Guide**: [`AutoFlow`][pyro_flows.guides.autoflow.AutoFlow] $z = \mu + \mathrm{diag}(d)\, U\,
    f_4(\cdots f_1(\varepsilon))$ with four affine IAF layers $f_k$ (`gated=False`, hidden (32, 32), at the
    identity) on whitened coordinates, $\mu = \hat z$, $d$ the Laplace conditional sds and $U$ the unit
@@ -14,7 +15,7 @@ r"""One call from a Pyro model to a checked posterior: [`fit`][pyro_flows.infere
    diagonal has to represent a near-singular correlation, e.g. a regression on an uncentred predictor). At step
    0 the guide is exactly the Laplace Gaussian. Where the Laplace Gaussian is a worse start than the cold start
    (MAP at a degenerate mode, as in a funnel: the mode sits at the neck), the guide starts from
-   `init_to_feasible` at scale 0.1 instead: the start with the higher ELBO estimate wins.
+   `init_to_feasible_point` at scale 0.1 instead: the start with the higher ELBO estimate wins.
 3. **SVI** as one loop: `Trace_ELBO(num_particles=8, vectorize_particles=True).differentiable_loss` minimized by Pyro's
    `ClippedAdam` in the package's training loop, checked every `check_every` (100) steps. The learning rate
    starts at `lr` (1e-2) and drops by $\sqrt{10}$ each time the ELBO plateaus, down to `final_lr` (1e-3); a
