@@ -128,12 +128,11 @@ def init_to_feasible_point(site: dict[str, Any]) -> Tensor:
     from a draw when the distribution has one, else from the distribution's shape: ``ImproperUniform`` (Stan's flat
     priors, e.g. an ``ordered_vector`` with no prior statement) then starts at that point too, in the default dtype.
     """
-    fn = site["fn"]
     try:
         return init_to_feasible(site)
     except NotImplementedError:
-        support = transform_to(fn.support)
-        shape = support.inverse_shape(fn.shape())
+        support = transform_to(site["fn"].support)
+        shape = support.inverse_shape(site["fn"].shape())
         return support(torch.zeros(shape, dtype=torch.get_default_dtype())).detach()
 
 
