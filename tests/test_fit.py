@@ -77,6 +77,31 @@ def test_a_flat_prior_site_that_cannot_sample_is_fitted() -> None:
     assert (draws["mu"].mean(0) - torch.tensor([-2.0, 2.0])).abs().max() < 0.5
 
 
+def test_the_laplace_start_s_correlation_factor_is_trained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: `fit` left the Laplace start's correlation factor at its start value.
+
+    The factor comes from a Cholesky factorization, a column-major tensor in general (made so here); the guide was
+    set up outside a call, and Pyro's parameter store kept a contiguous copy of the factor at the first step, so
+    the optimizer trained the copy while the guide read the original.
+    """
+    from pyro_flows.guides import autoflow
+
+    factors, start = autoflow.laplace_factors, []
+
+    def column_major(*args, **kwargs):
+        scale, unit_tril = factors(*args, **kwargs)
+        start.append(unit_tril.clone())
+        return scale, unit_tril.mT.contiguous().mT
+
+    monkeypatch.setattr(autoflow, "laplace_factors", column_major)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = pyro_flows.fit(regression, X, Y, fit_options=TINY)
+    assert result.start == "laplace"
+    moved = (result.guide.unit_tril - start[0]).tril(-1).abs().max()
+    assert moved > 1e-4
+
+
 def test_draws_have_site_shapes_and_supports(small_fit: FitResult) -> None:
     draws = small_fit.draws(300)
     assert set(draws) == {"loc", "scale", "weights"}

@@ -583,6 +583,20 @@ def test_same_spec_gives_the_same_layers_in_every_consumer(flow):
         assert [type(layer) for layer in amortized.flows] == layers
 
 
+@pytest.mark.parametrize("flow", sorted(registry))
+def test_the_optimizer_gets_the_tensors_the_guide_reads(flow):
+    """Every parameter site of a guide set up outside a call (as `pyro_flows.fit` does) is the guide's own tensor.
+
+    Pyro's param store registers a contiguous copy of a strided parameter; the optimizer would train the copy.
+    """
+    guide = AutoFlow(vector_model, flow=flow, num_flows=2)
+    guide._setup_prototype()
+    with poutine.trace(param_only=True) as capture:
+        guide()
+    trained = {id(site["value"].unconstrained()) for site in capture.trace.nodes.values()}
+    assert trained == {id(p) for p in guide.parameters()}
+
+
 def test_permutation_rule():
     for guide, permutations in (
         (AutoIAF(vector_model, num_flows=3), 2),

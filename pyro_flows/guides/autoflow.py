@@ -450,7 +450,10 @@ class AutoFlow(CheckedSettings, AutoContinuous):
         self.loc_shift = nn.Parameter(torch.zeros_like(loc))
         self.scale = PyroParam(scale, dist.constraints.softplus_positive)
         if unit_tril is not None:
-            self.unit_tril = nn.Parameter(unit_tril)
+            # contiguous: for a guide set up outside a call (as `fit` does), Pyro's param store registers a
+            # contiguous copy of a strided parameter at the first call and the optimizers train that copy, not the
+            # tensor the guide reads (the Laplace factor comes from a Cholesky factorization: column-major)
+            self.unit_tril = nn.Parameter(unit_tril.contiguous())
         self.flows = flows
         # a family fact, read once: every access to ``self.flows`` re-registers it in Pyro's param store
         self._untraceable = sorted({type(f).__name__ for f in layers if not getattr(f, "traceable", True)})
