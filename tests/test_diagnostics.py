@@ -27,6 +27,7 @@ from pyro_flows.diagnostics import (
     samples_to_inference_data,
     to_inference_data,
 )
+from pyro_flows.diagnostics.elbo import differentiable_loss, svi_parameters
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
@@ -294,6 +295,33 @@ def test_fit_svi_records_and_plots_the_elbo():
     assert plot_elbo([1.0, 2.0, 3.0]) is not None
     with pytest.raises(ValueError, match="num_steps"):
         fit_svi(conjugate_model, guide, y, num_steps=-1)
+
+
+def test_the_traced_elbo_s_gradient_is_the_eager_one():
+    """Regression: Pyro's `JitTrace_ELBO.differentiable_loss` doubles the gradient (its loss is not detached).
+
+    `differentiable_loss` (used by `fit_svi` and `fit`) gives the eager `Trace_ELBO`'s loss and gradient at the same
+    draws.
+    """
+    from pyro.infer import JitTrace_ELBO, Trace_ELBO
+
+    y = conjugate_data()
+    guide = AutoNormal(conjugate_model)
+    eager, traced = Trace_ELBO(), JitTrace_ELBO(ignore_jit_warnings=True)
+    params = svi_parameters(lambda _: eager.differentiable_loss(conjugate_model, guide, y))
+    differentiable_loss(traced, conjugate_model, guide, y)  # compiles
+    results = []
+    for elbo in (eager, traced):
+        torch.manual_seed(0)
+        loss = differentiable_loss(elbo, conjugate_model, guide, y)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (eager_loss, eager_grads), (traced_loss, traced_grads) = results
+    assert torch.allclose(traced_loss, eager_loss)
+    for a, b in zip(eager_grads, traced_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    torch.manual_seed(0)
+    pyro_grad = torch.autograd.grad(traced.differentiable_loss(conjugate_model, guide, y), params)
+    assert torch.allclose(pyro_grad[0], 2 * eager_grads[0], rtol=1e-5)  # Pyro's, for the record
 
 
 def test_plot_elbo_keeps_earlier_traces_on_a_shared_axis_in_view():

@@ -13,13 +13,15 @@ r"""Bayesian-workflow diagnostics for any Pyro guide: ArviZ export, PSIS k̂, im
 * [`iwae_bound`][pyro_flows.diagnostics.iwae.iwae_bound] — importance-weighted log-likelihood bounds for amortized (VAE)
   guides;
 * [`fit_svi`][pyro_flows.diagnostics.elbo.fit_svi] / [`ELBOTrace`][pyro_flows.diagnostics.elbo.ELBOTrace] /
-  [`plot_elbo`][pyro_flows.diagnostics.elbo.plot_elbo] — SVI with a recorded ELBO trace, plotted in one call.
+  [`plot_elbo`][pyro_flows.diagnostics.elbo.plot_elbo] — SVI with a recorded ELBO trace, plotted in one call;
+  [`differentiable_loss`][pyro_flows.diagnostics.elbo.differentiable_loss] — an ELBO's loss for your own torch loop,
+  with the gradient of Pyro's `JitTrace_ELBO` corrected.
 
 Importing this package imports ArviZ (and silences ArviZ's import-time ``FutureWarning`` for that import only).
 """
 
 from pyro_flows.diagnostics.arviz import samples_to_inference_data, to_inference_data
-from pyro_flows.diagnostics.elbo import ELBOTrace, fit_svi, plot_elbo
+from pyro_flows.diagnostics.elbo import ELBOTrace, differentiable_loss, fit_svi, plot_elbo
 from pyro_flows.diagnostics.iwae import elbo_estimate, importance_log_weights, iwae_bound
 from pyro_flows.diagnostics.psis import importance_resample, psis_khat
 from pyro_flows.diagnostics.reference import compare_to_reference, read_posteriordb_draws
@@ -27,6 +29,7 @@ from pyro_flows.diagnostics.reference import compare_to_reference, read_posterio
 __all__ = [
     "ELBOTrace",
     "compare_to_reference",
+    "differentiable_loss",
     "elbo_estimate",
     "fit_svi",
     "importance_log_weights",

@@ -33,7 +33,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import JitTrace_ELBO, Trace_ELBO
 from pyro.infer.elbo import ELBO
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
@@ -43,7 +43,7 @@ from torch import Tensor
 from pyro_flows._validation import check_size
 from pyro_flows.training import Checkpoint, World, check_options, make_adam, train
 
-__all__ = ["ELBOTrace", "fit_svi", "plot_elbo", "svi_parameters"]
+__all__ = ["ELBOTrace", "differentiable_loss", "fit_svi", "plot_elbo", "svi_parameters"]
 
 
 @dataclass
@@ -117,6 +117,34 @@ class _ScalePlate(Messenger):
         self.plates |= names
         if self.name in names:
             msg["scale"] = self.factor * msg["scale"]
+
+
+def differentiable_loss(
+    elbo: ELBO, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Tensor:
+    r"""The negative ELBO estimate of ``elbo`` whose gradient is the ELBO's gradient estimate, traced ELBOs included.
+
+    ``elbo.differentiable_loss(model, guide, *args, **kwargs)``, except for Pyro's ``JitTrace_ELBO``: its
+    ``differentiable_loss`` returns $\ell + (s - \operatorname{stop}(s))$ with a loss $\ell$ that is not detached
+    (the eager ``Trace_ELBO`` detaches it), so its gradient is $\nabla \ell + \nabla s$, twice the ELBO's for
+    reparameterized sites. Here the traced loss is detached: $\operatorname{stop}(\ell) + (s -
+    \operatorname{stop}(s))$ (Pyro's own ``loss_and_grads``, which ``SVI.step`` calls, differentiates $s$ alone).
+
+    Args:
+        elbo: a Pyro ELBO with ``differentiable_loss``.
+        model: the model.
+        guide: the guide.
+        *args: the model's and guide's positional arguments.
+        **kwargs: their keyword arguments.
+
+    Returns:
+        The scalar loss; its value is the negative ELBO estimate.
+
+    """
+    if isinstance(elbo, JitTrace_ELBO):
+        loss, surrogate = elbo.loss_and_surrogate_loss(model, guide, *args, **kwargs)
+        return loss.detach() + (surrogate - surrogate.detach())
+    return elbo.differentiable_loss(model, guide, *args, **kwargs)
 
 
 def svi_parameters(step: Callable[[Any], Tensor]) -> list[Tensor]:
@@ -240,7 +268,7 @@ def fit_svi(
     model_, guide_ = (model, guide) if scaling is None else (scaling(model), scaling(guide))
 
     def step(_: Any) -> Tensor:
-        return elbo.differentiable_loss(model_, guide_, *args, **kwargs)
+        return differentiable_loss(elbo, model_, guide_, *args, **kwargs)
 
     params = svi_parameters(step)
     if scaling is not None and shard_plate not in scaling.plates:
