@@ -322,7 +322,8 @@ def render_doc(suite: str, steps: int) -> None:
     rows = json.loads(result_path(suite, "cpu", ".json").read_text())["rows"]
     order = {name: i for i, name in enumerate(ALL_PROBLEMS)}
     names = [*GUIDES, *DEFAULTS_COLUMNS]
-    rows.sort(key=lambda r: (order.get(r["problem"], len(order)), r["problem"], names.index(r["guide"])))
+    rank = {name: i for i, name in enumerate(names)}  # variant rows ("fit (seed 1)", ...) sort last, unshown
+    rows.sort(key=lambda r: (order.get(r["problem"], len(order)), r["problem"], rank.get(r["guide"], len(rank))))
     write_doc(rows, f"python benchmarks/posterior_suite.py --steps {steps}")
 
 

@@ -18,9 +18,9 @@ r"""One call from a Pyro model to a checked posterior: [`fit`][pyro_flows.infere
    `init_to_feasible_point` at scale 0.1 instead: the start with the higher ELBO estimate wins.
 3. **SVI** as one loop: `Trace_ELBO(num_particles=8, vectorize_particles=True).differentiable_loss` minimized by Pyro's
    `ClippedAdam` in the package's training loop, checked every `check_every` (100) steps. The loss is traced
-   (`JitTrace_ELBO`, about twice as fast per step) where the trace is exact: its loss and gradients equal the eager
-   ones at the same random draws (two draws checked at the start); otherwise, or when tracing fails, SVI runs the
-   eager ELBO (`jit=False` always does). The learning rate
+   (`JitTrace_ELBO`, run without TorchScript's optimization passes; about twice as fast per step) where the trace
+   is exact: its loss and gradients equal the eager ones at the same random draws (two draws checked at the
+   start); otherwise, or when tracing fails, SVI runs the eager ELBO (`jit=False` always does). The learning rate
    starts at `lr` (1e-2) and drops by $\sqrt{10}$ each time the ELBO plateaus, down to `final_lr` (1e-3); a
    plateau at `final_lr` ends the run, as do `max_steps` and the `max_seconds` wall-time cap (whole fit). Each
    rate runs at least `plateau_window` (500) steps; the plateau test fits a line to the ELBO of the last
@@ -168,6 +168,7 @@ class FitResult:
         model: the model.
         args: the model's positional arguments.
         kwargs: the model's keyword arguments.
+        traced: whether SVI ran the traced ELBO (`FitOptions.jit`; else the eager one).
 
     """
 
@@ -180,6 +181,7 @@ class FitResult:
     model: Callable[..., Any] = field(repr=False)
     args: tuple = field(default=(), repr=False)
     kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+    traced: bool = False
 
     @property
     def resampled(self) -> bool:
@@ -304,8 +306,8 @@ _TRACE_RTOL = 1e-4
 
 def _loss(
     model: Callable[..., Any], guide: AutoFlow, args: tuple, kwargs: Mapping[str, Any], options: FitOptions
-) -> tuple[Callable[[Any], Tensor], list[Tensor]]:
-    """The SVI loss closure and the parameters it trains: the traced ELBO where it is exact, else the eager one.
+) -> tuple[Callable[[Any], Tensor], list[Tensor], bool]:
+    """The SVI loss closure, the parameters it trains and whether it is traced (where exact), else the eager one.
 
     Exact means: at two fixed random states, the traced loss and its gradients equal the eager ones (relative
     tolerance `_TRACE_RTOL`). The check runs inside `torch.random.fork_rng`, so it leaves the fit's random stream as
@@ -319,11 +321,14 @@ def _loss(
 
     params = svi_parameters(eager_step)
     if not options.jit or guide._untraceable:
-        return eager_step, params
+        return eager_step, params, False
     traced = JitTrace_ELBO(**particles, ignore_jit_warnings=True)
 
     def traced_step(_: Any) -> Tensor:
-        return differentiable_loss(traced, model, guide, *args, **kwargs)
+        # the graph executor's optimization passes are superlinear in the graph's size: a model that loops over
+        # 200 time points spent 325 s in them at the second call; unoptimized, the trace still halves the step
+        with torch.jit.optimized_execution(False):
+            return differentiable_loss(traced, model, guide, *args, **kwargs)
 
     try:
         with torch.random.fork_rng(), warnings.catch_warnings():
@@ -338,11 +343,11 @@ def _loss(
                     grads.append(torch.autograd.grad(loss, params, allow_unused=True))
                 if not _close([losses[0], *grads[0]], [losses[1], *grads[1]]):
                     logger.info("fit: the traced ELBO differs from the eager one; SVI runs the eager ELBO")
-                    return eager_step, params
+                    return eager_step, params, False
     except Exception as err:  # any failure of tracing means: run the eager ELBO
         logger.info("fit: the ELBO cannot be traced (%s: %s); SVI runs the eager ELBO", type(err).__name__, err)
-        return eager_step, params
-    return traced_step, params
+        return eager_step, params, False
+    return traced_step, params, True
 
 
 def _close(eager: Sequence[Tensor | None], traced: Sequence[Tensor | None]) -> bool:
@@ -364,9 +369,9 @@ def _run_svi(
     kwargs: Mapping[str, Any],
     options: FitOptions,
     deadline: float,
-) -> tuple[ELBOTrace, bool]:
-    """SVI with the plateau-driven learning-rate schedule; returns the ELBO trace and whether it converged."""
-    step, params = _loss(model, guide, args, kwargs, options)
+) -> tuple[ELBOTrace, bool, bool]:
+    """SVI with the plateau-driven learning-rate schedule: the ELBO trace, whether it converged, whether traced."""
+    step, params, traced = _loss(model, guide, args, kwargs, options)
     optimizer = ClippedAdam(params, lr=options.lr)
     num_levels = 1 + max(0, round(2 * math.log10(options.lr / options.final_lr)))
     rates = np.geomspace(options.lr, options.final_lr, num_levels) if num_levels > 1 else [options.lr]
@@ -398,7 +403,7 @@ def _run_svi(
                 break
             level, level_start = level + 1, len(trace.elbo)
     trace.seconds = time.perf_counter() - started
-    return trace, converged
+    return trace, converged, traced
 
 
 def fit(
@@ -457,13 +462,14 @@ def fit(
         pyro.set_rng_seed(options.seed)
     with pyro.get_param_store().scope():
         guide = _start(model, args, kwargs, options)
-        trace, converged = _run_svi(model, guide, args, kwargs, options, begin + options.max_seconds)
+        trace, converged, traced = _run_svi(model, guide, args, kwargs, options, begin + options.max_seconds)
         khat = psis_khat(model, guide, *args, num_samples=options.khat_samples, **kwargs)
     logger.info(
-        "fit: %s start, %d SVI steps (%s), k-hat %.2f, %.1f s",
+        "fit: %s start, %d SVI steps (%s, %s ELBO), k-hat %.2f, %.1f s",
         guide.start_used,
         len(trace.elbo),
         "converged" if converged else "stopped by a cap",
+        "traced" if traced else "eager",
         khat,
         time.perf_counter() - begin,
     )
@@ -480,6 +486,7 @@ def fit(
         elbo_trace=trace,
         start=guide.start_used,
         converged=converged,
+        traced=traced,
         seconds=time.perf_counter() - begin,
         model=model,
         args=args,

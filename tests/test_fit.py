@@ -206,6 +206,7 @@ def test_the_traced_elbo_takes_the_eager_steps() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         runs = [pyro_flows.fit(regression, X, Y, fit_options={**TINY, "jit": jit}) for jit in (True, False)]
+    assert runs[0].traced and not runs[1].traced
     assert np.allclose(runs[0].elbo_trace.elbo, runs[1].elbo_trace.elbo, rtol=1e-5)
     assert runs[0].khat == pytest.approx(runs[1].khat, rel=1e-4)
 
@@ -222,7 +223,7 @@ def test_a_model_the_trace_would_freeze_runs_the_eager_elbo(caplog: pytest.LogCa
     with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="pyro_flows.inference"):
         warnings.simplefilter("ignore", UserWarning)
         runs = [pyro_flows.fit(frozen_by_a_trace, Y, fit_options={**TINY, "jit": jit}) for jit in (True, False)]
-    assert "SVI runs the eager ELBO" in caplog.text
+    assert "SVI runs the eager ELBO" in caplog.text and not runs[0].traced
     assert runs[0].elbo_trace.elbo == runs[1].elbo_trace.elbo
 
 
