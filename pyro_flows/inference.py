@@ -38,13 +38,14 @@ model.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,9 @@ logger = logging.getLogger(__name__)
 #: PSIS $\hat k$ at or above which the guide is not trusted (no resampling, a warning).
 KHAT_THRESHOLD = 0.7
 
+#: The refining pass (`FitOptions.refine_khat`): this many times the particles, and the plateau window and steps.
+REFINE_PARTICLES, REFINE_WINDOW = 4, 5
+
 #: Parameter-store names of the guides of `fit` (one per guide, so fits never share parameters).
 _GUIDE_IDS = itertools.count()
 
@@ -103,6 +107,10 @@ class FitOptions:
         jit: trace the ELBO (`JitTrace_ELBO`) where the traced loss and gradients equal the eager ones at the same
             draws; `False` runs the eager `Trace_ELBO` (a model whose control flow depends on the sampled values
             is caught by the check only when the checked draws take another branch).
+        refine_khat: PSIS $\hat k$ at or above which SVI runs a second, refining pass from where it ended:
+            `REFINE_PARTICLES` times the particles and `REFINE_WINDOW` times the plateau window and steps, the
+            learning-rate schedule restarted, within what is left of `max_seconds`; kept when its final ELBO is
+            at least the first pass's. `None`: no refinement.
 
     """
 
@@ -120,6 +128,7 @@ class FitOptions:
     hidden_dims: tuple[int, ...] = (32, 32)
     khat_samples: int = 1000
     jit: bool = True
+    refine_khat: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("progress", "jit"):
@@ -137,6 +146,7 @@ class FitOptions:
             raise ValueError(f"FitOptions.khat_samples must be at least 100, got {self.khat_samples!r}")
         for name in ("max_seconds", "lr", "final_lr", "tol"):
             check_real(getattr(self, name), f"FitOptions.{name}", positive=True)
+        check_real(self.refine_khat, "FitOptions.refine_khat", optional=True)
         if self.final_lr > self.lr:
             raise ValueError(f"FitOptions.final_lr ({self.final_lr}) must not exceed lr ({self.lr})")
 
@@ -169,6 +179,7 @@ class FitResult:
         args: the model's positional arguments.
         kwargs: the model's keyword arguments.
         traced: whether SVI ran the traced ELBO (`FitOptions.jit`; else the eager one).
+        refined: whether the guide is that of the refining pass (`FitOptions.refine_khat`).
 
     """
 
@@ -182,6 +193,7 @@ class FitResult:
     args: tuple = field(default=(), repr=False)
     kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
     traced: bool = False
+    refined: bool = False
 
     @property
     def resampled(self) -> bool:
@@ -406,6 +418,33 @@ def _run_svi(
     return trace, converged, traced
 
 
+def _refine(
+    run: Callable[[FitOptions], tuple[ELBOTrace, bool, bool]], guide: AutoFlow, options: FitOptions, first: ELBOTrace
+) -> tuple[bool, ELBOTrace, bool]:
+    """The refining pass from the guide's current parameters; the guide keeps its result only if it is better.
+
+    ``run(options)`` runs SVI on the guide (`_run_svi`). Returns whether the refined guide was kept, the pass's ELBO
+    trace and whether the pass converged. Better means a mean ELBO over the pass's last plateau window at least the
+    first pass's over its own last window (both are unbiased estimates of the ELBO of the guide at the time, the
+    second with less noise).
+    """
+    before = copy.deepcopy(guide.state_dict())
+    refine = replace(
+        options,
+        num_particles=REFINE_PARTICLES * options.num_particles,
+        plateau_window=REFINE_WINDOW * options.plateau_window,
+        max_steps=REFINE_WINDOW * options.max_steps,
+    )
+    more, converged, _ = run(refine)
+    kept = bool(more.elbo) and np.mean(more.elbo[-refine.plateau_window :]) >= np.mean(
+        first.elbo[-options.plateau_window :]
+    )
+    if not kept:
+        guide.load_state_dict(before)
+    logger.info("fit: refining pass of %d steps %s", len(more.elbo), "kept" if kept else "discarded")
+    return kept, more, converged
+
+
 def fit(
     model: Callable[..., Any],
     *args: Any,
@@ -462,8 +501,21 @@ def fit(
         pyro.set_rng_seed(options.seed)
     with pyro.get_param_store().scope():
         guide = _start(model, args, kwargs, options)
-        trace, converged, traced = _run_svi(model, guide, args, kwargs, options, begin + options.max_seconds)
+        deadline = begin + options.max_seconds
+
+        def run(with_options: FitOptions) -> tuple[ELBOTrace, bool, bool]:
+            return _run_svi(model, guide, args, kwargs, with_options, deadline)
+
+        trace, converged, traced = run(options)
         khat = psis_khat(model, guide, *args, num_samples=options.khat_samples, **kwargs)
+        refined = False
+        if options.refine_khat is not None and not khat < options.refine_khat and time.perf_counter() < deadline:
+            refined, more, converged_more = _refine(run, guide, options, trace)
+            if refined:
+                converged = converged_more
+                khat = psis_khat(model, guide, *args, num_samples=options.khat_samples, **kwargs)
+            trace.elbo.extend(more.elbo)
+            trace.seconds += more.seconds
     logger.info(
         "fit: %s start, %d SVI steps (%s, %s ELBO), k-hat %.2f, %.1f s",
         guide.start_used,
@@ -476,8 +528,8 @@ def fit(
     if not khat < KHAT_THRESHOLD:
         warnings.warn(
             f"PSIS k-hat is {khat:.2f} (≥ 0.7): the flow guide misses part of the posterior and draws() does not "
-            "resample; try a richer flow (FitOptions.num_flows, hidden_dims), more steps (max_steps, max_seconds) "
-            "or a reparameterization of the model (e.g. non-centered).",
+            "resample; try a refining pass (FitOptions.refine_khat=0.5), a richer flow (num_flows, hidden_dims), "
+            "more steps (max_steps, max_seconds) or a reparameterization of the model (e.g. non-centered).",
             stacklevel=2,
         )
     return FitResult(
@@ -487,6 +539,7 @@ def fit(
         start=guide.start_used,
         converged=converged,
         traced=traced,
+        refined=refined,
         seconds=time.perf_counter() - begin,
         model=model,
         args=args,

@@ -227,6 +227,38 @@ def test_a_model_the_trace_would_freeze_runs_the_eager_elbo(caplog: pytest.LogCa
     assert runs[0].elbo_trace.elbo == runs[1].elbo_trace.elbo
 
 
+def test_a_refining_pass_runs_at_high_khat_and_is_kept_only_if_better(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`refine_khat`: a second SVI pass (more particles, longer windows) from where the first ended."""
+    from pyro_flows import inference
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain = pyro_flows.fit(regression, X, Y, fit_options=TINY)
+        refined = pyro_flows.fit(regression, X, Y, fit_options={**TINY, "refine_khat": 0.0})
+    assert not plain.refined and len(plain.elbo_trace.elbo) == TINY["max_steps"]
+    assert len(refined.elbo_trace.elbo) > TINY["max_steps"]  # the pass ran (k-hat >= 0 always)
+    assert refined.elbo_trace.elbo[: TINY["max_steps"]] == plain.elbo_trace.elbo
+
+    run_svi = inference._run_svi
+
+    def worse(model, guide, args, kwargs, options, deadline):
+        if options.num_particles == FitOptions().num_particles:
+            return run_svi(model, guide, args, kwargs, options, deadline)
+        with torch.no_grad():
+            guide.loc_shift.add_(10.0)  # a pass that ends far off, with a lower ELBO
+        trace = inference.ELBOTrace(elbo=[-1e9] * 10)
+        return trace, True, False
+
+    monkeypatch.setattr(inference, "_run_svi", worse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        discarded = pyro_flows.fit(regression, X, Y, fit_options={**TINY, "refine_khat": 0.0})
+    assert not discarded.refined
+    assert torch.equal(discarded.guide.loc_shift, plain.guide.loc_shift)  # the first pass's guide, restored
+    with pytest.raises(ValueError, match="refine_khat"):
+        FitOptions(refine_khat="high")
+
+
 def test_parameter_store_is_left_alone() -> None:
     pyro.clear_param_store()
     user = pyro.param("user_param", torch.ones(2))
