@@ -18,8 +18,8 @@ r"""One call from a Pyro model to a checked posterior: [`fit`][pyro_flows.infere
    `init_to_feasible_point` at scale 0.1 instead: the start with the higher ELBO estimate wins.
 3. **SVI** as one loop: `Trace_ELBO(num_particles=8, vectorize_particles=True).differentiable_loss` minimized by Pyro's
    `ClippedAdam` in the package's training loop, checked every `check_every` (100) steps. The loss is traced
-   (`JitTrace_ELBO`, run without TorchScript's optimization passes; about twice as fast per step) where the trace
-   is exact: its loss and gradients equal the eager ones at the same random draws (two draws checked at the
+   (`JitTrace_ELBO`, run without TorchScript's optimization passes; faster per step: `benchmarks/README.md`) where
+   the trace is exact: its loss and gradients equal the eager ones at the same random draws (two draws checked at the
    start); otherwise, or when tracing fails, SVI runs the eager ELBO (`jit=False` always does). The learning rate
    starts at `lr` (1e-2) and drops by $\sqrt{10}$ each time the ELBO plateaus, down to `final_lr` (1e-3); a
    plateau at `final_lr` ends the run, as do `max_steps` and the `max_seconds` wall-time cap (whole fit). Each
@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
-from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor
 
@@ -63,7 +63,7 @@ from pyro_flows.diagnostics import (
     psis_khat,
     to_inference_data,
 )
-from pyro_flows.diagnostics.elbo import differentiable_loss, svi_parameters
+from pyro_flows.diagnostics.elbo import svi_parameters, traced_if_exact
 from pyro_flows.guides import AutoFlow
 from pyro_flows.training import train
 
@@ -312,66 +312,18 @@ def _plateaued(elbo: Sequence[float], window: int, tol: float) -> bool:
     return window * slope < max(tol, 2 * window * residual_sd / math.sqrt(steps @ steps))
 
 
-#: Relative tolerance of the traced ELBO's loss and gradients against the eager ones (float32 sums reordered).
-_TRACE_RTOL = 1e-4
-
-
 def _loss(
     model: Callable[..., Any], guide: AutoFlow, args: tuple, kwargs: Mapping[str, Any], options: FitOptions
 ) -> tuple[Callable[[Any], Tensor], list[Tensor], bool]:
-    """The SVI loss closure, the parameters it trains and whether it is traced (where exact), else the eager one.
-
-    Exact means: at two fixed random states, the traced loss and its gradients equal the eager ones (relative
-    tolerance `_TRACE_RTOL`). The check runs inside `torch.random.fork_rng`, so it leaves the fit's random stream as
-    it was.
-    """
-    particles = {"num_particles": options.num_particles, "vectorize_particles": True}
-    eager = Trace_ELBO(**particles)
+    """The SVI loss closure, the parameters it trains and whether it is traced (`traced_if_exact`), else eager."""
+    eager = Trace_ELBO(num_particles=options.num_particles, vectorize_particles=True)
 
     def eager_step(_: Any) -> Tensor:
         return eager.differentiable_loss(model, guide, *args, **kwargs)
 
     params = svi_parameters(eager_step)
-    if not options.jit or guide._untraceable:
-        return eager_step, params, False
-    traced = JitTrace_ELBO(**particles, ignore_jit_warnings=True)
-
-    def traced_step(_: Any) -> Tensor:
-        # the graph executor's optimization passes are superlinear in the graph's size: a model that loops over
-        # 200 time points spent 325 s in them at the second call; unoptimized, the trace still halves the step
-        with torch.jit.optimized_execution(False):
-            return differentiable_loss(traced, model, guide, *args, **kwargs)
-
-    try:
-        with torch.random.fork_rng(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced_step(None)  # compiles
-            for seed in (0, 1):
-                losses, grads = [], []
-                for fn in (eager_step, traced_step):
-                    torch.manual_seed(seed)
-                    loss = fn(None)
-                    losses.append(loss.detach())
-                    grads.append(torch.autograd.grad(loss, params, allow_unused=True))
-                if not _close([losses[0], *grads[0]], [losses[1], *grads[1]]):
-                    logger.info("fit: the traced ELBO differs from the eager one; SVI runs the eager ELBO")
-                    return eager_step, params, False
-    except Exception as err:  # any failure of tracing means: run the eager ELBO
-        logger.info("fit: the ELBO cannot be traced (%s: %s); SVI runs the eager ELBO", type(err).__name__, err)
-        return eager_step, params, False
-    return traced_step, params, True
-
-
-def _close(eager: Sequence[Tensor | None], traced: Sequence[Tensor | None]) -> bool:
-    """Whether each traced tensor equals its eager one within `_TRACE_RTOL` of the eager tensor's largest entry."""
-    for a, b in zip(eager, traced, strict=True):
-        if (a is None) != (b is None):
-            return False
-        if a is not None and a.numel():
-            scale = float(a.abs().max())
-            if not (math.isfinite(scale) and float((a - b).abs().max()) <= _TRACE_RTOL * max(scale, 1e-12)):
-                return False
-    return True
+    traced = traced_if_exact(eager, model, guide, args, kwargs, params) if options.jit else None
+    return (eager_step, params, False) if traced is None else (traced, params, True)
 
 
 def _run_svi(

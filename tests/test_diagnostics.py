@@ -14,6 +14,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from pyro_flows.diagnostics import (
@@ -322,6 +323,21 @@ def test_the_traced_elbo_s_gradient_is_the_eager_one():
     torch.manual_seed(0)
     pyro_grad = torch.autograd.grad(traced.differentiable_loss(conjugate_model, guide, y), params)
     assert torch.allclose(pyro_grad[0], 2 * eager_grads[0], rtol=1e-5)  # Pyro's, for the record
+
+
+def test_fit_svi_with_jit_takes_the_eager_steps():
+    y = conjugate_data()
+    runs = []
+    for jit in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        guide = AutoNormal(conjugate_model)
+        runs.append(fit_svi(conjugate_model, guide, y, num_steps=30, jit=jit, progress=False))
+    assert np.allclose(runs[0].elbo, runs[1].elbo, rtol=1e-5)
+    with pytest.raises(TypeError, match="jit=True traces a Trace_ELBO"):
+        fit_svi(conjugate_model, AutoNormal(conjugate_model), y, num_steps=1, jit=True, loss=TraceMeanField_ELBO())
+    with pytest.raises(TypeError, match="jit="):
+        fit_svi(conjugate_model, AutoNormal(conjugate_model), y, num_steps=1, jit="yes")
 
 
 def test_plot_elbo_keeps_earlier_traces_on_a_shared_axis_in_view():

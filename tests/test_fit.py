@@ -220,10 +220,10 @@ def test_a_model_the_trace_would_freeze_runs_the_eager_elbo(caplog: pytest.LogCa
         with pyro.plate("data", len(y)):
             pyro.sample("y", dist.Normal(loc, scale), obs=y)
 
-    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="pyro_flows.inference"):
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="pyro_flows"):
         warnings.simplefilter("ignore", UserWarning)
         runs = [pyro_flows.fit(frozen_by_a_trace, Y, fit_options={**TINY, "jit": jit}) for jit in (True, False)]
-    assert "SVI runs the eager ELBO" in caplog.text and not runs[0].traced
+    assert "the eager ELBO runs" in caplog.text and not runs[0].traced
     assert runs[0].elbo_trace.elbo == runs[1].elbo_trace.elbo
 
 

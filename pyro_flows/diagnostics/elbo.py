@@ -23,9 +23,11 @@ independent draws.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +45,9 @@ from torch import Tensor
 from pyro_flows._validation import check_size
 from pyro_flows.training import Checkpoint, World, check_options, make_adam, train
 
-__all__ = ["ELBOTrace", "differentiable_loss", "fit_svi", "plot_elbo", "svi_parameters"]
+__all__ = ["ELBOTrace", "differentiable_loss", "fit_svi", "plot_elbo", "svi_parameters", "traced_if_exact"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,6 +151,89 @@ def differentiable_loss(
     return elbo.differentiable_loss(model, guide, *args, **kwargs)
 
 
+#: Relative tolerance of a traced loss and its gradients against the eager ones (float32 sums reordered).
+TRACE_RTOL = 1e-4
+
+
+def traced_if_exact(
+    elbo: Trace_ELBO,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    params: Sequence[Tensor],
+) -> Callable[[Any], Tensor] | None:
+    r"""A traced loss closure (Pyro's `JitTrace_ELBO`) that equals ``elbo``'s, or ``None`` where it does not.
+
+    The closure ``step(_)`` returns [`differentiable_loss`][pyro_flows.diagnostics.elbo.differentiable_loss] of a
+    `JitTrace_ELBO` with ``elbo``'s particles and plate nesting, run without TorchScript's optimization passes.
+    Those passes cost more than linearly in the graph's size (a model that loops over its time points can spend
+    minutes in them at the second call); without them the trace still runs an SVI step faster than the eager ELBO
+    (`benchmarks/README.md`, "`pyro_flows.fit`'s SVI step").
+
+    Exact means that at two fixed random states the traced loss and its gradients with respect to ``params`` equal
+    the eager ones, to `TRACE_RTOL` of each tensor's largest entry. A model whose control flow depends on sampled
+    values is caught only when the checked draws take another branch than the traced one. The check runs inside
+    `torch.random.fork_rng`, so it leaves the caller's random stream as it was. ``None`` (logged at INFO) means the
+    trace differs, or tracing failed, for example on a guide whose flows are not traceable.
+
+    Args:
+        elbo: the eager `Trace_ELBO`, already evaluated once (its plate nesting known).
+        model: the model.
+        guide: the guide.
+        args: the model's and guide's positional arguments.
+        kwargs: their keyword arguments.
+        params: the tensors trained (`svi_parameters`).
+
+    Returns:
+        The traced closure, or ``None``.
+
+    """
+    traced = JitTrace_ELBO(
+        num_particles=elbo.num_particles,
+        vectorize_particles=elbo.vectorize_particles,
+        max_plate_nesting=elbo.max_plate_nesting,
+        ignore_jit_warnings=True,
+    )
+
+    def traced_step(_: Any) -> Tensor:
+        with torch.jit.optimized_execution(False):
+            return differentiable_loss(traced, model, guide, *args, **kwargs)
+
+    try:
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced_step(None)  # compiles
+            for seed in (0, 1):
+                checked = []
+                for step in (
+                    lambda: elbo.differentiable_loss(model, guide, *args, **kwargs),
+                    lambda: traced_step(None),
+                ):
+                    torch.manual_seed(seed)
+                    loss = step()
+                    checked.append([loss.detach(), *torch.autograd.grad(loss, params, allow_unused=True)])
+                if not _close(*checked):
+                    logger.info("the traced ELBO differs from the eager one: the eager ELBO runs")
+                    return None
+    except Exception as err:  # any failure of tracing means: run the eager ELBO
+        logger.info("the ELBO cannot be traced (%s: %s): the eager ELBO runs", type(err).__name__, err)
+        return None
+    return traced_step
+
+
+def _close(eager: Sequence[Tensor | None], traced: Sequence[Tensor | None]) -> bool:
+    """Whether each traced tensor equals its eager one within `TRACE_RTOL` of the eager tensor's largest entry."""
+    for a, b in zip(eager, traced, strict=True):
+        if (a is None) != (b is None):
+            return False
+        if a is not None and a.numel():
+            scale = float(a.abs().max())
+            if not (math.isfinite(scale) and float((a - b).abs().max()) <= TRACE_RTOL * max(scale, 1e-12)):
+                return False
+    return True
+
+
 def svi_parameters(step: Callable[[Any], Tensor]) -> list[Tensor]:
     """The unconstrained tensors of every parameter an SVI ``step`` closure touches (model's and guide's).
 
@@ -175,6 +262,7 @@ def fit_svi(
     shard_plate: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
+    jit: bool = False,
     **kwargs: Any,
 ) -> ELBOTrace:
     """Run ``num_steps`` of SVI on ``(model, guide)`` and return the ELBO trace.
@@ -217,6 +305,9 @@ def fit_svi(
             [`Checkpoint`][pyro_flows.training.Checkpoint]): a killed run restarted with the same arguments ends as
             the uninterrupted one.
         checkpoint_every: steps between checkpoints.
+        jit: trace the loss, a `Trace_ELBO` (the default or ``loss``), with Pyro's `JitTrace_ELBO` where the trace
+            is exact ([`traced_if_exact`][pyro_flows.diagnostics.elbo.traced_if_exact]: checked at the start, the
+            eager loss otherwise); the run takes the eager run's steps, faster (`benchmarks/README.md`).
         **kwargs: model/guide keyword arguments.
 
     Returns:
@@ -249,6 +340,8 @@ def fit_svi(
     )
     if not callable(getattr(elbo, "differentiable_loss", None)):
         raise TypeError(f"fit_svi needs a loss with a differentiable_loss method, got {type(elbo).__name__}")
+    if not isinstance(jit, bool) or (jit and type(elbo) is not Trace_ELBO):
+        raise TypeError(f"jit=True traces a Trace_ELBO loss; got jit={jit!r} with a {type(elbo).__name__}")
     check_size(checkpoint_every, "checkpoint_every")
     if shard_plate is not None and not isinstance(shard_plate, str):
         raise TypeError(f"shard_plate must be a plate name (str) or None, got {type(shard_plate).__name__}")
@@ -271,6 +364,7 @@ def fit_svi(
         return differentiable_loss(elbo, model_, guide_, *args, **kwargs)
 
     params = svi_parameters(step)
+    traced = traced_if_exact(elbo, model_, guide_, args, kwargs, params) if jit else None
     if scaling is not None and shard_plate not in scaling.plates:
         raise ValueError(
             f"shard_plate={shard_plate!r} is not a plate of the model or guide (plates: {sorted(scaling.plates)})"
@@ -278,7 +372,7 @@ def fit_svi(
     world.broadcast_(params)
     optimizer = make_adam(params, lr) if optim is None else _torch_optimizer(optim, params)
     result = train(
-        step,
+        step if traced is None else traced,
         params,
         epochs=num_steps,
         optimizer=optimizer,
