@@ -180,6 +180,9 @@ class FitResult:
         kwargs: the model's keyword arguments.
         traced: whether SVI ran the traced ELBO (`FitOptions.jit`; else the eager one).
         refined: whether the guide is that of the refining pass (`FitOptions.refine_khat`).
+        params: the state of Pyro's parameter store at the end of the fit (the fit runs in a scope of its own): the
+            model's own `pyro.param`s as fitted. The methods below run the model with them; for your own runs,
+            `with pyro.get_param_store().scope(result.params): Predictive(...)`.
 
     """
 
@@ -194,6 +197,7 @@ class FitResult:
     kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
     traced: bool = False
     refined: bool = False
+    params: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def resampled(self) -> bool:
@@ -219,13 +223,9 @@ class FitResult:
 
         """
         options = {"num_samples": num_samples, "posterior_predictive": posterior_predictive}
-        if self.resampled:
-            return importance_resample(
-                self.model, self.guide, *self.args, log_likelihood=log_likelihood, **options, **self.kwargs
-            )
-        return to_inference_data(
-            self.model, self.guide, *self.args, log_likelihood=log_likelihood, **options, **self.kwargs
-        )
+        export = importance_resample if self.resampled else to_inference_data
+        with pyro.get_param_store().scope(copy.copy(self.params) if self.params else None):
+            return export(self.model, self.guide, *self.args, log_likelihood=log_likelihood, **options, **self.kwargs)
 
     def draws(self, num_samples: int = 1000) -> dict[str, Tensor]:
         r"""Posterior draws of every latent and deterministic site, in constrained space.
@@ -451,7 +451,7 @@ def fit(
     begin = time.perf_counter()
     if options.seed is not None:
         pyro.set_rng_seed(options.seed)
-    with pyro.get_param_store().scope():
+    with pyro.get_param_store().scope() as params:
         guide = _start(model, args, kwargs, options)
         deadline = begin + options.max_seconds
 
@@ -492,6 +492,7 @@ def fit(
         converged=converged,
         traced=traced,
         refined=refined,
+        params=params,
         seconds=time.perf_counter() - begin,
         model=model,
         args=args,

@@ -259,6 +259,31 @@ def test_a_refining_pass_runs_at_high_khat_and_is_kept_only_if_better(monkeypatc
         FitOptions(refine_khat="high")
 
 
+def test_the_model_s_own_params_are_kept_for_the_draws() -> None:
+    """Regression: a model's `pyro.param` was fitted in the fit's scope and lost after it.
+
+    The draws then ran the model at the parameter's initial value: a wrong likelihood, and PSIS weights from it.
+    """
+
+    def learned_noise(x, y):
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        noise = pyro.param("noise", torch.tensor(1.0), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(loc + x, noise), obs=y)
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(200, generator=generator)
+    y = 2.0 + x + 0.2 * torch.randn(200, generator=generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a high k-hat of the draws would warn
+        result = pyro_flows.fit(learned_noise, x, y, fit_options={**TINY, "max_steps": 300})
+        idata = result.to_inference_data(500)
+    with pyro.get_param_store().scope(result.params):
+        assert float(pyro.param("noise")) == pytest.approx(0.2, rel=0.3)
+    assert idata.attrs["khat"] < 0.7
+    assert "noise" not in pyro.get_param_store()
+
+
 def test_parameter_store_is_left_alone() -> None:
     pyro.clear_param_store()
     user = pyro.param("user_param", torch.ones(2))
