@@ -63,8 +63,10 @@ from pyro_flows.diagnostics import (
     psis_khat,
     to_inference_data,
 )
+from pyro_flows.diagnostics._sites import inspect_model
 from pyro_flows.diagnostics.elbo import svi_parameters, traced_if_exact
 from pyro_flows.guides import AutoFlow
+from pyro_flows.guides.autoflow import init_to_feasible_point
 from pyro_flows.training import train
 
 with warnings.catch_warnings():
@@ -425,7 +427,8 @@ def fit(
 
     Raises:
         TypeError: `fit_options` is not a `FitOptions`, a dict of its fields or `None`.
-        ValueError: a bad option value, or a model with no latent site.
+        ValueError: a bad option value, a model with no latent site, or one whose plates subsample the data
+            (PSIS $\hat k$ and the draws weigh the full likelihood).
 
     Warns:
         UserWarning: once, when $\hat k \ge 0.7$ (then `draws` returns the guide's own draws).
@@ -452,6 +455,8 @@ def fit(
     if options.seed is not None:
         pyro.set_rng_seed(options.seed)
     with pyro.get_param_store().scope() as params:
+        # PSIS and the draws weigh the full likelihood: refuse a subsampling plate before any work
+        inspect_model(model, None, args, kwargs, init_to_feasible_point).require_full_data("pyro_flows.fit")
         guide = _start(model, args, kwargs, options)
         deadline = begin + options.max_seconds
 

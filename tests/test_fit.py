@@ -284,6 +284,24 @@ def test_the_model_s_own_params_are_kept_for_the_draws() -> None:
     assert "noise" not in pyro.get_param_store()
 
 
+def test_a_subsampling_plate_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PSIS k-hat and the draws weigh the full likelihood: a subsample would make them noisy or wrong."""
+
+    def subsampled(x, y):
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", len(x), subsample_size=5) as index:
+            pyro.sample("y", dist.Normal(loc + x[index], 1.0), obs=y[index])
+
+    from pyro_flows import inference
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("the MAP and SVI should not start")
+
+    monkeypatch.setattr(inference, "_start", no_start)
+    with pytest.raises(ValueError, match=r"needs the full data, but the plate 'data' subsamples 5 of 20"):
+        pyro_flows.fit(subsampled, X, Y, fit_options=TINY)
+
+
 def test_parameter_store_is_left_alone() -> None:
     pyro.clear_param_store()
     user = pyro.param("user_param", torch.ones(2))

@@ -120,15 +120,20 @@ def _axis_names(name: str, shape: torch.Size, event_dim: int, frames: list[Any])
 
 
 def inspect_model(
-    model: Callable[..., Any], guide: Callable[..., Any] | None, args: tuple, kwargs: Mapping[str, Any]
+    model: Callable[..., Any],
+    guide: Callable[..., Any] | None,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    init_loc_fn: Callable[[dict], Any] = init_to_feasible,
 ) -> ModelSites:
     """Trace ``guide`` once, replay ``model`` on it and classify the model's sites.
 
     Args:
         model: a Pyro model.
-        guide: a guide for ``model`` (``None`` runs the model from its prior).
+        guide: a guide for ``model`` (``None`` runs the model at the points of ``init_loc_fn``).
         args: positional arguments of model and guide.
         kwargs: keyword arguments of model and guide.
+        init_loc_fn: where the latent sites are when ``guide`` is ``None``.
 
     Returns:
         The sites of ``model`` with their kind, shape and plate axes.
@@ -140,7 +145,7 @@ def inspect_model(
     with poutine.block(), torch.no_grad():
         if guide is None:
             guide_trace = None
-            model_trace = poutine.trace(InitMessenger(init_to_feasible)(model)).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(InitMessenger(init_loc_fn)(model)).get_trace(*args, **kwargs)
         else:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
