@@ -455,8 +455,10 @@ def fit(
     if options.seed is not None:
         pyro.set_rng_seed(options.seed)
     with pyro.get_param_store().scope() as params:
-        # PSIS and the draws weigh the full likelihood: refuse a subsampling plate before any work
-        inspect_model(model, None, args, kwargs, init_to_feasible_point).require_full_data("pyro_flows.fit")
+        # PSIS and the draws weigh the full likelihood: refuse a subsampling plate before any work (the model's
+        # run there draws from its priors: in a forked random state, so that the fit's stream does not move)
+        with torch.random.fork_rng():
+            inspect_model(model, None, args, kwargs, init_to_feasible_point).require_full_data("pyro_flows.fit")
         guide = _start(model, args, kwargs, options)
         deadline = begin + options.max_seconds
 

@@ -447,8 +447,9 @@ def test_the_readme_configuration_is_stable_on_non_centered_eight_schools():
 
     torch.set_num_threads(1)
     guide = _readme_fit(eight_schools_noncentered, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y)
-    khat = psis_khat(eight_schools_noncentered, guide, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, num_samples=2000)
-    assert khat < 0.7, khat  # 0.57 at seed 0
+    # 8000 draws: on one trained guide three estimates from 2000 draws ranged 0.21-0.71, two from 8000 0.42-0.58
+    khat = psis_khat(eight_schools_noncentered, guide, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, num_samples=8000)
+    assert khat < 0.7, khat
 
 
 @pytest.mark.slow
