@@ -51,6 +51,7 @@ __all__ = [
     "World",
     "check_options",
     "make_adam",
+    "tensors_close",
     "train",
 ]
 
@@ -151,6 +152,26 @@ def make_adam(params: Iterable[Tensor], lr: float, weight_decay: float = 0.0) ->
         return kind(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):
         return kind(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+#: Relative tolerance of a traced computation against the eager one (float32 sums reordered).
+TRACE_RTOL = 1e-4
+
+
+def tensors_close(eager: Sequence[Tensor | None], traced: Sequence[Tensor | None], rtol: float = TRACE_RTOL) -> bool:
+    """Whether each traced tensor equals its eager one within ``rtol`` of the eager tensor's largest entry.
+
+    The check of the traced paths (`fit`'s ELBO, `fit_density`'s log-density): losses and gradients, ``None`` for a
+    parameter without one.
+    """
+    for a, b in zip(eager, traced, strict=True):
+        if (a is None) != (b is None):
+            return False
+        if a is not None and a.numel():
+            scale = float(a.abs().max())
+            if not (math.isfinite(scale) and float((a - b).abs().max()) <= rtol * max(scale, 1e-12)):
+                return False
+    return True
 
 
 def _scheduler(schedule: LRSchedule, optimizer: torch.optim.Optimizer, epochs: int, patience: int | None) -> Any | None:

@@ -464,6 +464,27 @@ def test_fit_options_are_checked_before_anything_changes(options: dict, name: st
     assert all(torch.equal(after[k], before[k]) for k in after) and not bool(density.standardized)
 
 
+@pytest.mark.parametrize(("flow", "context_dim"), [("maf", 0), ("spline_coupling", 0), ("maf", 3), ("residual", 0)])
+def test_traced_training_takes_the_eager_steps(flow: str, context_dim: int, caplog: pytest.LogCaptureFixture) -> None:
+    """`jit=True` (the default): the traced log-density trains to the eager run's weights; a family that cannot be
+    traced (residual) runs eager, and says so in the log."""
+    x = correlated(300)
+    context = torch.randn(300, context_dim, generator=torch.Generator().manual_seed(1)) if context_dim else None
+    fitted = []
+    for jit in (True, False):
+        torch.manual_seed(0)
+        density = FlowDensity(2, flow=flow, num_flows=2, context_dim=context_dim)
+        with caplog.at_level("INFO", logger="pyro_flows.density.fit"):
+            history = density.fit(x, context, epochs=2, batch_size=64, progress=False, seed=0, jit=jit)
+        fitted.append((history.val_nll, density.state_dict()))
+    assert fitted[0][0] == pytest.approx(fitted[1][0], rel=1e-5)
+    for key, value in fitted[0][1].items():
+        assert torch.allclose(value, fitted[1][1][key], rtol=1e-4, atol=1e-6), key
+    assert ("cannot be traced" in caplog.text) == (flow == "residual")
+    with pytest.raises(TypeError, match="jit must be True or False"):
+        FlowDensity(2, flow=flow, num_flows=1).fit(x, progress=False, jit="yes")
+
+
 @pytest.mark.parametrize("validate_args", [True, False])
 @pytest.mark.parametrize("validation_fraction", [0.25, 0.0])
 def test_divergence_restores_finite_weights(validate_args: bool, validation_fraction: float) -> None:

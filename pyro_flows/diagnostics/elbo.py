@@ -43,7 +43,7 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from pyro_flows._validation import check_size
-from pyro_flows.training import Checkpoint, World, check_options, make_adam, train
+from pyro_flows.training import Checkpoint, World, check_options, make_adam, tensors_close, train
 
 __all__ = ["ELBOTrace", "differentiable_loss", "fit_svi", "plot_elbo", "svi_parameters", "traced_if_exact"]
 
@@ -151,10 +151,6 @@ def differentiable_loss(
     return elbo.differentiable_loss(model, guide, *args, **kwargs)
 
 
-#: Relative tolerance of a traced loss and its gradients against the eager ones (float32 sums reordered).
-TRACE_RTOL = 1e-4
-
-
 def traced_if_exact(
     elbo: Trace_ELBO,
     model: Callable[..., Any],
@@ -172,10 +168,11 @@ def traced_if_exact(
     (`benchmarks/README.md`, "`pyro_flows.fit`'s SVI step").
 
     Exact means that at two fixed random states the traced loss and its gradients with respect to ``params`` equal
-    the eager ones, to `TRACE_RTOL` of each tensor's largest entry. A model whose control flow depends on sampled
-    values is caught only when the checked draws take another branch than the traced one. The check runs inside
-    `torch.random.fork_rng`, so it leaves the caller's random stream as it was. ``None`` (logged at INFO) means the
-    trace differs, or tracing failed, for example on a guide whose flows are not traceable.
+    the eager ones (`pyro_flows.training.tensors_close`: to $10^{-4}$ of each tensor's largest entry). A model whose
+    control flow depends on sampled values is caught only when the checked draws take another branch than the
+    traced one. The check runs inside `torch.random.fork_rng`, so it leaves the caller's random stream as it was.
+    ``None`` (logged at INFO) means the trace differs, or tracing failed, for example on a guide whose flows are not
+    traceable.
 
     Args:
         elbo: the eager `Trace_ELBO`, already evaluated once (its plate nesting known).
@@ -213,25 +210,13 @@ def traced_if_exact(
                     torch.manual_seed(seed)
                     loss = step()
                     checked.append([loss.detach(), *torch.autograd.grad(loss, params, allow_unused=True)])
-                if not _close(*checked):
+                if not tensors_close(*checked):
                     logger.info("the traced ELBO differs from the eager one: the eager ELBO runs")
                     return None
     except Exception as err:  # any failure of tracing means: run the eager ELBO
         logger.info("the ELBO cannot be traced (%s: %s): the eager ELBO runs", type(err).__name__, err)
         return None
     return traced_step
-
-
-def _close(eager: Sequence[Tensor | None], traced: Sequence[Tensor | None]) -> bool:
-    """Whether each traced tensor equals its eager one within `TRACE_RTOL` of the eager tensor's largest entry."""
-    for a, b in zip(eager, traced, strict=True):
-        if (a is None) != (b is None):
-            return False
-        if a is not None and a.numel():
-            scale = float(a.abs().max())
-            if not (math.isfinite(scale) and float((a - b).abs().max()) <= TRACE_RTOL * max(scale, 1e-12)):
-                return False
-    return True
 
 
 def svi_parameters(step: Callable[[Any], Tensor]) -> list[Tensor]:
