@@ -413,7 +413,7 @@ def fit(
     is left as it was: the fit runs in its own scope and the guide's parameters carry a name of their own.
 
     Budget: with the defaults, ≤ 60 s on one CPU thread (the `max_seconds` cap) for models of up to ~30
-    unconstrained dimensions and ~1000 data points; the posteriordb posteriors of `examples/` take 5–40 s.
+    unconstrained dimensions and ~1000 data points; the posteriordb posteriors of `examples/` take 4–15 s.
 
     Args:
         model: the Pyro model.
