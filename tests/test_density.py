@@ -464,6 +464,24 @@ def test_fit_options_are_checked_before_anything_changes(options: dict, name: st
     assert all(torch.equal(after[k], before[k]) for k in after) and not bool(density.standardized)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
+)
+def test_traced_training_runs_on_the_device(device: str, caplog: pytest.LogCaptureFixture) -> None:
+    density = FlowDensity(2, flow="maf", num_flows=2)
+    with caplog.at_level("INFO", logger="pyro_flows.density.fit"):
+        history = density.fit(correlated(300), epochs=2, batch_size=64, progress=False, seed=0, device=device)
+    assert "eager pass runs" not in caplog.text and math.isfinite(history.val_nll[-1])
+    assert density.data_shift.device.type == device
+
+
 @pytest.mark.parametrize(("flow", "context_dim"), [("maf", 0), ("spline_coupling", 0), ("maf", 3), ("residual", 0)])
 def test_traced_training_takes_the_eager_steps(flow: str, context_dim: int, caplog: pytest.LogCaptureFixture) -> None:
     """`jit=True` (the default): the traced log-density trains to the eager run's weights; a family that cannot be

@@ -302,6 +302,33 @@ def test_a_subsampling_plate_is_refused_before_any_work(monkeypatch: pytest.Monk
         pyro_flows.fit(subsampled, X, Y, fit_options=TINY)
 
 
+def on_device(x, y):
+    loc = pyro.sample("loc", dist.Normal(x.new_zeros(()), 5.0))
+    scale = pyro.sample("scale", dist.HalfNormal(x.new_tensor(2.0)))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(loc + x, scale), obs=y)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_traced_fit_runs_on_the_data_s_device(device: str) -> None:
+    x, y = X.to(device), Y.to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = pyro_flows.fit(on_device, x, y, fit_options={**TINY, "max_steps": 100})
+    assert result.traced and result.guide.loc.device.type == device
+    draws = result.draws(100)
+    assert draws["loc"].device.type == device and bool(torch.isfinite(draws["scale"]).all())
+
+
 def test_parameter_store_is_left_alone() -> None:
     pyro.clear_param_store()
     user = pyro.param("user_param", torch.ones(2))
