@@ -349,12 +349,12 @@ def fit_svi(
         return differentiable_loss(elbo, model_, guide_, *args, **kwargs)
 
     params = svi_parameters(step)
-    traced = traced_if_exact(elbo, model_, guide_, args, kwargs, params) if jit else None
     if scaling is not None and shard_plate not in scaling.plates:
         raise ValueError(
             f"shard_plate={shard_plate!r} is not a plate of the model or guide (plates: {sorted(scaling.plates)})"
         )
     world.broadcast_(params)
+    traced = traced_if_exact(elbo, model_, guide_, args, kwargs, params) if jit else None
     optimizer = make_adam(params, lr) if optim is None else _torch_optimizer(optim, params)
     result = train(
         step if traced is None else traced,
