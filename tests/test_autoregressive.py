@@ -18,6 +18,7 @@ from pyro_flows.transforms import (
     SplineMaskedAutoregressive,
     conditional_registry,
 )
+from pyro_flows.transforms._network_flows import rational_clamp, soft_clamp
 from pyro_flows.transforms._splines import rational_quadratic_spline
 
 DIM = 5
@@ -241,3 +242,20 @@ def test_random_order_is_saved_with_the_weights() -> None:
     x = torch.randn(3, DIM)
     assert torch.equal(a(x), b(x))
     assert torch.allclose(b.inv(a(x)), x, atol=1e-5)
+
+
+def test_maf_s_log_scale_clamp_keeps_a_gradient_near_its_bound() -> None:
+    """MAF's clamp is bounded with slope 1 at 0, and far out its slope decays polynomially (the tanh clamp's, which
+    MAF had and IAF keeps, decays exponentially: log-scales pushed to the bound stopped learning)."""
+    raw = torch.tensor([-1e3, -50.0, -10.0, 0.0, 10.0, 50.0, 1e3], dtype=torch.float64, requires_grad=True)
+    for clamp in (rational_clamp, soft_clamp):
+        clamped = clamp(raw, 5.0)
+        (slope,) = torch.autograd.grad(clamped.sum(), raw)
+        assert (clamped.abs() <= 5.0).all()
+        assert slope[3] == 1.0
+    assert (slope[[1, 5]] < 1e-8).all()  # the last clamp of the loop is tanh's: sech(10)^2 = 8.2e-9
+    (slope,) = torch.autograd.grad(rational_clamp(raw, 5.0).sum(), raw)
+    assert torch.allclose(slope[[1, 5]], torch.full((2,), 1 / 121, dtype=torch.float64))  # (1 + 50 / 5)^-2
+    assert (slope > 0).all()
+    assert MaskedAutoregressive(DIM).elementwise.clamp is rational_clamp
+    assert InverseAutoregressive(DIM, gated=False).elementwise.clamp is soft_clamp

@@ -21,6 +21,18 @@ def soft_clamp(raw: Tensor, bound: float) -> Tensor:
     return bound * torch.tanh(raw / bound)
 
 
+def rational_clamp(raw: Tensor, bound: float) -> Tensor:
+    r"""Smoothly squash ``raw`` into $(-B, B)$: $\mathrm{raw} / (1 + |\mathrm{raw}| / B)$ (slope 1 at 0).
+
+    Its slope $(1 + |\mathrm{raw}| / B)^{-2}$ decays polynomially, where `soft_clamp`'s decays exponentially: a
+    log-scale pushed towards the bound keeps a gradient. MAF's clamp: in density estimation it gave better and steadier
+    test NLLs than `soft_clamp` (9 seeds: digits −64.2 against −57.1 nats, breast cancer 10.5 against 13.1;
+    ``benchmarks/density_clamp.py``). It is not IAF's: for the affine IAF guide it made the funnel worse (KL of the
+    ``fit`` recipe 0.059 against 0.038 nats, mean of 3 seeds; ``docs/posterior-suite.md``).
+    """
+    return raw / (1 + raw.abs() / bound)
+
+
 class ElementwiseMap:
     r"""An element-wise bijection family $y_i = \tau(x_i; \theta_i)$, ``num_params`` raw parameters each."""
 
@@ -42,10 +54,11 @@ class ElementwiseMap:
 class AffineMap(ElementwiseMap):
     r"""Affine map $y = \mu + e^{s} x$ with a soft-clamped log-scale.
 
-    $s = B \tanh(\tilde s / B)$; params ``(μ, s̃)``; log-det $\sum s$.
+    $s = B \tanh(\tilde s / B)$ (``clamp``: `soft_clamp`); params ``(μ, s̃)``; log-det $\sum s$.
     """
 
     num_params = 2
+    clamp = staticmethod(soft_clamp)
 
     def __init__(self, log_scale_bound: float) -> None:
         self.bound = check_real(log_scale_bound, "log_scale_bound", positive=True)
@@ -53,13 +66,13 @@ class AffineMap(ElementwiseMap):
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """See `ElementwiseMap`."""
         shift, log_scale = params.unbind(-2)
-        log_scale = soft_clamp(log_scale, self.bound)
+        log_scale = self.clamp(log_scale, self.bound)
         return x * log_scale.exp() + shift, log_scale.sum(-1)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """See `ElementwiseMap`."""
         shift, log_scale = params.unbind(-2)
-        log_scale = soft_clamp(log_scale, self.bound)
+        log_scale = self.clamp(log_scale, self.bound)
         return (y - shift) * (-log_scale).exp(), log_scale.sum(-1)
 
 
@@ -69,19 +82,21 @@ class NormalizingAffineMap(AffineMap):
     For MAF, whose one-pass direction is the inverse (data → base): there the shift is added after the scale, so
     $\partial x / \partial \mu = 1$ does not depend on the scale, which trains markedly better than
     $x = (y - \mu) e^{-s}$ (see ``benchmarks/bench_autoregressive.py``). Log-det of the forward map:
-    $-\sum s$.
+    $-\sum s$. The log-scale is $s = \tilde s / (1 + |\tilde s| / B)$ (`rational_clamp`).
     """
+
+    clamp = staticmethod(rational_clamp)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """See `ElementwiseMap`."""
         shift, log_scale = params.unbind(-2)
-        log_scale = soft_clamp(log_scale, self.bound)
+        log_scale = self.clamp(log_scale, self.bound)
         return (x - shift) * (-log_scale).exp(), -log_scale.sum(-1)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """See `ElementwiseMap`."""
         shift, log_scale = params.unbind(-2)
-        log_scale = soft_clamp(log_scale, self.bound)
+        log_scale = self.clamp(log_scale, self.bound)
         return y * log_scale.exp() + shift, -log_scale.sum(-1)
 
 

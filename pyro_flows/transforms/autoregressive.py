@@ -190,7 +190,7 @@ class InverseAutoregressive(_Autoregressive):
 class MaskedAutoregressive(_Autoregressive):
     r"""Masked autoregressive flow (Papamakarios et al. 2017): one-pass inverse (``log_prob``), sequential sampling.
 
-    With $(\mu, \tilde s) = \mathrm{MADE}(y)$, $s = B \tanh(\tilde s / B)$ (outputs for coordinate
+    With $(\mu, \tilde s) = \mathrm{MADE}(y)$, $s = \tilde s / (1 + |\tilde s| / B)$ (outputs for coordinate
     $i$ read $y_{<i}$ only), the normalizing direction (data $y$ → base $x$) is
 
     * inverse (one MADE pass, parallel): $x = y \odot e^{s(y)} + \mu(y)$;
